@@ -1,0 +1,22 @@
+"""Shared pytest setup.
+
+Slow tests (full-size checkpoints, long interpreter runs) are skipped by default and run with
+``--runslow`` or when ``CI=true`` (what ``.ci/run`` sets), so CI runs everything.
+"""
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("CI", "").lower() == "true":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
