@@ -1,0 +1,99 @@
+"""The engine's public contract, free of HTTP: what a front end submits and what it gets back.
+
+A front end (the aiohttp server, the offline `--requests` runner, benchmarks) builds a
+``Request``, calls ``submit`` and iterates the returned stream: ``AudioChunk`` items in order,
+then exactly one ``Finished``. ``cancel`` stops a request within one engine step and frees its
+KV blocks at once. Voice prompts are opaque values to the front end: it asks the engine to make
+one from reference audio, keeps it, and passes it back in requests (``save``/``load`` persist it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from engine.sampling import SamplingParams
+from engine.voice import VoicePrompt
+
+
+class Priority(enum.IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class StopReason(str, enum.Enum):
+    EOS = "eos"  # the model ended the utterance
+    MAX_FRAMES = "max_frames"  # the frame cap (explicit or derived from the text) was hit
+    CANCELLED = "cancelled"
+    ERROR = "error"  # an engine failure of this request only
+
+
+class EngineError(RuntimeError):
+    """A request the engine refuses or fails; ``code`` is a stable machine-readable name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Request:
+    text: str
+    voice: VoicePrompt
+    language: str = "auto"
+    sampling: SamplingParams | None = None  # None: the checkpoint's generation_config.json
+    priority: Priority = Priority.NORMAL
+    max_frames: int | None = None  # None: derived from the text length
+    non_streaming_text: bool = False
+    request_id: str = ""  # filled by submit when empty
+
+
+@dataclass
+class AudioChunk:
+    request_id: str
+    samples: np.ndarray  # float32 mono at the engine's sample_rate, 1920 samples per frame
+    first_frame: int
+    num_frames: int
+
+
+@dataclass
+class Finished:
+    request_id: str
+    stop_reason: StopReason
+    frames: int
+    audio_seconds: float
+    ttfa_seconds: float | None  # submit → first chunk ready
+    wall_seconds: float
+    error: str | None = None
+    error_code: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int
+    frames_generated: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class TTSEngine(Protocol):
+    """What the server relies on. ``engine.engine.Engine`` implements it."""
+
+    sample_rate: int
+    languages: list[str]
+
+    def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt: ...
+
+    def stats(self) -> EngineStats: ...
