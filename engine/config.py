@@ -10,7 +10,7 @@ out (the speaker encoder's ECAPA-TDNN layout, the Mimi SEANet layout).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,32 +151,111 @@ class SpeakerEncoderConfig:
                    **extra)
 
 
+def _fill_from_raw(obj: Any, where: str, renames: dict[str, str] | None = None) -> None:
+    """Set every non-init field of a frozen dataclass from ``obj.raw`` (lists become tuples)."""
+    renames = renames or {}
+    for f in fields(obj):
+        if f.init:
+            continue
+        value = _require(obj.raw, renames.get(f.name, f.name), where)
+        object.__setattr__(obj, f.name, tuple(value) if isinstance(value, list) else value)
+
+
+def _check(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: unsupported {what}")
+
+
 @dataclass(frozen=True)
 class CodecEncoderConfig:
-    """Mimi encoder (audio → codes), the ``encoder_config`` block of speech_tokenizer/config.json."""
+    """Mimi encoder (audio → codes), the ``encoder_config`` block of speech_tokenizer/config.json.
 
-    raw: dict[str, Any]
+    Built from the raw block (``CodecEncoderConfig(raw)``); every field below is read from it
+    and required. Fields carry the file's own names, except ``frame_rate`` (``_frame_rate``).
+    Mimi fields that only matter for training or for the Mimi decoder (not shipped) are ignored.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        # The Mimi block has ~30 fields that map 1:1 onto its modules; reading them by name keeps
-        # this file from restating Mimi's config.
-        try:
-            return self.raw[name]
-        except KeyError as e:
-            raise AttributeError(f"speech_tokenizer encoder_config has no field {name!r}") from e
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    sampling_rate: int = field(init=False)
+    audio_channels: int = field(init=False)
+    frame_rate: float = field(init=False)
+    # SEANet conv encoder
+    num_filters: int = field(init=False)
+    kernel_size: int = field(init=False)
+    residual_kernel_size: int = field(init=False)
+    last_kernel_size: int = field(init=False)
+    num_residual_layers: int = field(init=False)
+    dilation_growth_rate: int = field(init=False)
+    compress: int = field(init=False)
+    upsampling_ratios: tuple[int, ...] = field(init=False)  # applied in reverse order when encoding
+    pad_mode: str = field(init=False)
+    use_causal_conv: bool = field(init=False)
+    use_conv_shortcut: bool = field(init=False)
+    # transformer
+    hidden_size: int = field(init=False)
+    num_hidden_layers: int = field(init=False)
+    num_attention_heads: int = field(init=False)
+    num_key_value_heads: int = field(init=False)
+    head_dim: int = field(init=False)
+    intermediate_size: int = field(init=False)
+    hidden_act: str = field(init=False)
+    norm_eps: float = field(init=False)
+    rope_theta: float = field(init=False)
+    sliding_window: int = field(init=False)  # NOT applied by the reference (spec §5.2)
+    # split residual vector quantizer
+    num_quantizers: int = field(init=False)
+    num_semantic_quantizers: int = field(init=False)
+    codebook_size: int = field(init=False)
+    codebook_dim: int = field(init=False)
+    vector_quantization_hidden_dimension: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        where = "speech_tokenizer/config.json encoder_config"
+        _fill_from_raw(self, where, {"frame_rate": "_frame_rate"})
+        _check(self.audio_channels == 1, where, f"audio_channels {self.audio_channels}")
+        _check(self.use_causal_conv, where, "non-causal convolutions")
+        _check(self.pad_mode == "constant", where, f"pad_mode {self.pad_mode!r}")
+        _check(not self.use_conv_shortcut, where, "use_conv_shortcut")
+        _check(self.hidden_act == "gelu", where, f"hidden_act {self.hidden_act!r}")
+        _check(self.codebook_dim == self.vector_quantization_hidden_dimension, where,
+               "codebook_dim != vector_quantization_hidden_dimension")
 
 
 @dataclass(frozen=True)
 class CodecDecoderConfig:
-    """Causal codec decoder (codes → 24 kHz waveform), ``decoder_config`` block."""
+    """Causal codec decoder (codes → 24 kHz waveform), ``decoder_config`` block.
 
-    raw: dict[str, Any]
+    Built from the raw block (``CodecDecoderConfig(raw)``); every field is required: the
+    official constructor defaults are wrong for the release (spec §8) and ``codebook_dim`` /
+    ``head_dim`` have none. The decoder's codebooks are ``codebook_dim // 2`` wide.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.raw[name]
-        except KeyError as e:
-            raise AttributeError(f"speech_tokenizer decoder_config has no field {name!r}") from e
+    raw: dict[str, Any] = field(repr=False, compare=False)
+    codebook_size: int = field(init=False)
+    codebook_dim: int = field(init=False)
+    num_quantizers: int = field(init=False)
+    latent_dim: int = field(init=False)
+    decoder_dim: int = field(init=False)
+    hidden_size: int = field(init=False)
+    intermediate_size: int = field(init=False)
+    num_hidden_layers: int = field(init=False)
+    num_attention_heads: int = field(init=False)
+    num_key_value_heads: int = field(init=False)
+    head_dim: int = field(init=False)
+    hidden_act: str = field(init=False)
+    attention_bias: bool = field(init=False)
+    rms_norm_eps: float = field(init=False)
+    rope_theta: float = field(init=False)
+    sliding_window: int = field(init=False)
+    upsampling_ratios: tuple[int, ...] = field(init=False)  # ConvTranspose+ConvNeXt stages
+    upsample_rates: tuple[int, ...] = field(init=False)  # vocoder blocks
+
+    def __post_init__(self) -> None:
+        where = "speech_tokenizer/config.json decoder_config"
+        _fill_from_raw(self, where)
+        _check(self.hidden_act == "silu", where, f"hidden_act {self.hidden_act!r}")
+        _check(not self.attention_bias, where, "attention_bias")
+        _check(self.codebook_dim % 2 == 0, where, f"odd codebook_dim {self.codebook_dim}")
 
 
 @dataclass(frozen=True)
@@ -281,3 +360,23 @@ class ModelConfig:
             model_size=d.get("tts_model_size", ""),
             raw=d,
         )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the serving engine runs a model: one dataclass for every knob, with the reasons."""
+
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU (bf16 matmul is ~50x slower there), bfloat16 on CUDA
+    block_size: int = 16  # KV positions per block; small blocks waste little on short TTS turns
+    num_kv_blocks: int | None = None  # None: from kv_cache_gb
+    kv_cache_gb: float = 1.0  # memory for the talker's paged KV pool when num_kv_blocks is None
+    max_running: int = 64  # sessions decoded together in one step
+    max_batched_tokens: int = 512  # token budget per step: decodes first, then prefill chunks
+    # Chunk schedule in frames (80 ms each): small first chunks for time to first audio, larger ones
+    # later so that per-chunk overhead stays low; the last entry repeats.
+    chunk_frames: tuple[int, ...] = (1, 2, 4, 8, 12)
+    output_queue_chunks: int = 32  # per-request bound; a full queue pauses only that request
+    frames_per_text_token: int = 12  # runaway guard: cap = min_frame_cap + this x text tokens
+    min_frame_cap: int = 40
+    max_sequence_len: int = 8192  # prompt + frames a request may occupy in the KV cache

@@ -51,12 +51,12 @@ def predict_residual_codes(talker: Talker, hidden: torch.Tensor, c0: int, params
                            generator: torch.Generator | None, trace: Trace | None = None) -> list[int]:
     """Codebooks 1..15 for one frame. hidden: [1, talker_hidden], the talker's normed output."""
     predictor = talker.code_predictor
-    cache = predictor.new_cache(batch=1)
+    ctx = predictor.new_context(batch=1)
     c0_embed = talker.embed_codec(torch.tensor([c0], device=hidden.device))
     x = torch.stack([hidden, c0_embed], dim=1)  # [1, 2, talker_hidden]
     codes, logits_seen = [], []
     for j in range(predictor.num_residual_codebooks):
-        logits = predictor.step(x, cache, head=j)[0]
+        logits = predictor.step(x, ctx, head=j)[0]
         if trace is not None:
             logits_seen.append(logits)
         code = draw(logits, params.subtalker_do_sample, params.subtalker_temperature, params.subtalker_top_k,
@@ -81,8 +81,8 @@ def generate_codes(talker: Talker, prompt: Prompt, params: SamplingParams, max_f
     process = TalkerLogitsProcessor(cfg.transformer.vocab_size, cfg.codec.eos)
 
     t0 = time.perf_counter()
-    cache = talker.model.new_cache(batch=1, capacity=prompt.prefill.shape[0] + max_frames)
-    hidden = talker(prompt.prefill[None], cache)[:, -1]  # [1, hidden]
+    ctx = talker.model.contiguous_context(batch=1, capacity=prompt.prefill.shape[0] + max_frames)
+    hidden = ctx.run(talker.model, prompt.prefill[None])[:, -1]  # [1, hidden]
     result = GenerationResult(codes=torch.empty(0, cfg.num_code_groups, dtype=torch.long), stop_reason="max_frames")
     result.prefill_seconds = time.perf_counter() - t0
 
@@ -109,7 +109,7 @@ def generate_codes(talker: Talker, prompt: Prompt, params: SamplingParams, max_f
             break  # the cap: no talker step for a frame that will never be sampled
         x = talker.embed_frames(torch.tensor(frame, device=device))
         x = x + (prompt.trailing[g] if g < prompt.trailing.shape[0] else prompt.pad)
-        hidden = talker(x[None, None], cache)[:, -1]
+        hidden = ctx.run(talker.model, x[None, None])[:, -1]
         result.talker_seconds += time.perf_counter() - t2
     if frames:
         result.codes = torch.tensor(frames, dtype=torch.long)

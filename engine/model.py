@@ -51,6 +51,7 @@ class TTSModel:
         cfg = ModelConfig.from_dir(path)
         tokenizer = TextTokenizer.from_dir(path)
         tts = load_strict(build_on_meta(lambda: Qwen3TTS(cfg)), path / "model.safetensors", device, dtype)
+        tts.talker.fuse_weights_()
         # The codec runs in fp32 everywhere: it is small, and its output is the product.
         speech_tokenizer = load_strict(build_on_meta(lambda: SpeechTokenizer(cfg.speech_tokenizer)),
                                        path / "speech_tokenizer" / "model.safetensors", device, torch.float32)

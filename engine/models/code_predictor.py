@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.config import CodePredictorConfig
-from engine.models.qwen3 import KVCache, Qwen3Stack
+from engine.models.qwen3 import ContiguousContext, Qwen3Stack
 
 
 class CodePredictorModel(Qwen3Stack):
@@ -38,10 +38,11 @@ class CodePredictor(nn.Module):
     def num_residual_codebooks(self) -> int:
         return self.cfg.num_code_groups - 1
 
-    def new_cache(self, batch: int) -> KVCache:
-        return self.model.new_cache(batch, capacity=self.cfg.num_code_groups)
+    def new_context(self, batch: int) -> ContiguousContext:
+        """A fresh 16-position cache for one frame of ``batch`` sequences."""
+        return self.model.contiguous_context(batch, capacity=self.cfg.num_code_groups)
 
-    def step(self, x: torch.Tensor, cache: KVCache, head: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, ctx: ContiguousContext, head: int) -> torch.Tensor:
         """x: [B, S, talker_hidden] new rows → fp32 logits [B, vocab] of ``lm_head[head]``."""
-        hidden = self.model(self.small_to_mtp_projection(x), cache)
+        hidden = ctx.run(self.model, self.small_to_mtp_projection(x))
         return self.lm_head[head](hidden[:, -1]).float()

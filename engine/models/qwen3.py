@@ -5,17 +5,29 @@ embedding → residual; RMSNorm → SwiGLU MLP → residual; a final RMSNorm on 
 Rotary embedding is plain 1-D rotate-half RoPE over the whole head: the talker's interleaved
 M-RoPE reduces to it exactly because its three position streams are always equal (spec §1.1).
 
-This is the reference (plain PyTorch) path with a contiguous per-request KV cache; the serving
-engine runs the same weights through paged-KV kernels.
+Activations are token-major, ``[T, hidden]`` with the tokens of every sequence in the batch
+stacked. Where K/V live and how attention reads them is the job of an *attention context*
+passed to ``forward``: ``ContiguousContext`` here (a dense per-sequence cache, for the code
+predictor and the single-request path) or the engine's paged context. Both call the same ops
+from ``kernels`` (Triton on CUDA, PyTorch references elsewhere).
+
+After loading, ``fuse_weights_`` packs q/k/v and gate/up into one matrix each (the original
+parameters become views into it, so the state dict is unchanged): one GEMM instead of three,
+which at batch 1 is one pass over the weights instead of three launches.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TransformerConfig
+from kernels.activation import silu_and_mul
+from kernels.norm import fused_add_rms_norm, rms_norm
+from kernels.rope import qk_norm_rope_store_kv, rope_cos_sin_cache
 
 
 class RMSNorm(nn.Module):
@@ -24,50 +36,72 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, cast back, then the weight: the Qwen3 order (matters in bf16).
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+
+class AttentionContext(Protocol):
+    """Where this forward's K/V go and which K/V each new token attends to."""
+
+    def attend(self, layer: int, qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
+        """qkv: [T, (Hq + 2 Hk) D] fresh projections → attention output [T, Hq D]."""
+        ...
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [..., head_dim] for integer positions, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
-                                .float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+class RopeTable:
+    """The fp32 ``[cos | sin]`` table of a stack, grown on demand, per device."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self.table: torch.Tensor | None = None
+
+    def get(self, min_positions: int, device: torch.device) -> torch.Tensor:
+        t = self.table
+        if t is None or t.shape[0] < min_positions or t.device != device:
+            size = max(min_positions, 256 if t is None else 2 * t.shape[0])
+            self.table = rope_cos_sin_cache(size, self.head_dim, self.theta, device)
+        return self.table
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [B, heads, S, D]; cos/sin: [B, S, D]."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+class ContiguousContext:
+    """A dense cache ``[B, Hk, capacity, D]`` per layer for ``B`` sequences that advance in lockstep
+    (same number of new tokens each call): the code predictor's 16-position cache, or one request."""
 
-
-class KVCache:
-    """Contiguous per-layer K/V, preallocated to ``capacity`` positions, batch-major."""
-
-    def __init__(self, cfg: TransformerConfig, batch: int, capacity: int, dtype: torch.dtype,
+    def __init__(self, cfg: TransformerConfig, rope: RopeTable, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.length = 0  # positions filled (same for every layer once a forward completes)
-        self.capacity = capacity
+        self.batch, self.capacity, self.length = batch, capacity, 0
+        self.cos_sin = rope.get(capacity, device)
+        self.eps = cfg.rms_norm_eps
+        self._new = 0
+        self._positions = torch.empty(0, dtype=torch.long, device=device)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v [B, kv, S, D] at the current length; return everything cached so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def run(self, stack: Qwen3Stack, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, hidden] continuing every sequence by S tokens → normed hidden [B, S, hidden]."""
+        b, s, _ = x.shape
+        if b != self.batch:
+            raise ValueError(f"context holds {self.batch} sequences, got {b}")
+        if self.length + s > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length + s} > capacity {self.capacity}")
+        self._new = s
+        self._positions = torch.arange(self.length, self.length + s, device=x.device).repeat(b)
+        out = stack(x.reshape(b * s, -1), self)
+        self.length += s
+        return out.view(b, s, -1)
+
+    def attend(self, layer: int, qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
+        hq, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qk_norm_rope_store_kv(qkv, self._positions, self.cos_sin, hq, hk, attn.q_norm.weight, attn.k_norm.weight,
+                              self.eps, None, None, None)
+        b, s = self.batch, self._new
+        heads = qkv.view(b, s, hq + 2 * hk, d).transpose(1, 2)  # [B, heads, S, D]
+        start, end = self.length, self.length + s
+        self.k[layer][:, :, start:end] = heads[:, hq:hq + hk]
+        self.v[layer][:, :, start:end] = heads[:, hq + hk:]
+        k_all, v_all = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        # New tokens sit at the end of the cache: a causal mask aligned to the bottom-right.
+        mask = None if s == 1 else torch.ones(s, end, dtype=torch.bool, device=qkv.device).tril(diagonal=end - s)
+        out = F.scaled_dot_product_attention(heads[:, :hq], k_all, v_all, attn_mask=mask, enable_gqa=hq != hk)
+        return out.transpose(1, 2).reshape(b * s, hq * d)
 
 
 class Attention(nn.Module):
@@ -80,23 +114,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                layer: int) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = cache.write(layer, k, v)
-        # New tokens sit at the end of the cache: a causal mask aligned to the bottom-right.
-        t = k_all.shape[2]
-        mask = None
-        if s > 1:
-            mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(diagonal=t - s)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        qkv = F.linear(x, self.qkv_weight)
+        return self.o_proj(ctx.attend(layer, qkv, self))
 
 
 class MLP(nn.Module):
@@ -105,9 +127,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(F.linear(x, self.gate_up_weight)))
 
 
 class DecoderLayer(nn.Module):
@@ -117,11 +140,30 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.eps = cfg.rms_norm_eps
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: AttentionContext,
+                layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous layer's MLP output and residual; returns this layer's. The residual add
+        is fused into the next norm (same sum, same rounding as an unfused block)."""
+        if residual is None:
+            residual, h = x, rms_norm(x, self.input_layernorm.weight, self.eps)
+        else:
+            h, residual = fused_add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
+        h = self.self_attn(h, ctx, layer)
+        h, residual = fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
+        return self.mlp(h), residual
+
+
+def _pack(linears: list[nn.Linear]) -> torch.Tensor:
+    """Concatenate weights row-wise and make each Linear's weight a view into the packed matrix."""
+    packed = torch.cat([lin.weight.data for lin in linears])
+    row = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(packed[row:row + rows], requires_grad=False)
+        row += rows
+    return packed
 
 
 class Qwen3Stack(nn.Module):
@@ -132,17 +174,25 @@ class Qwen3Stack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    @torch.no_grad()
+    def fuse_weights_(self) -> None:
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_weight = _pack([a.q_proj, a.k_proj, a.v_proj])
+            m.gate_up_weight = _pack([m.gate_proj, m.up_proj])
+
+    def contiguous_context(self, batch: int, capacity: int) -> ContiguousContext:
         p = self.norm.weight
-        return KVCache(self.cfg, batch, capacity, p.dtype, p.device)
+        return ContiguousContext(self.cfg, self.rope, batch, capacity, p.dtype, p.device)
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """x: [B, S, hidden] continuing the cached sequence; returns the normed hidden states."""
-        s = x.shape[1]
-        positions = torch.arange(cache.length, cache.length + s, device=x.device).expand(x.shape[0], s)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """x: [T, hidden] new tokens of every sequence → normed hidden states [T, hidden]."""
+        if self.layers[0].self_attn.qkv_weight is None:
+            raise RuntimeError("call fuse_weights_() after loading the weights")
+        h, residual = x, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
-        cache.length += s
-        return self.norm(x)
+            h, residual = layer(h, residual, ctx, i)
+        out, _ = fused_add_rms_norm(h, residual, self.norm.weight, self.cfg.rms_norm_eps)
+        return out

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.config import ModelConfig, TalkerConfig
 from engine.models.code_predictor import CodePredictor
-from engine.models.qwen3 import KVCache, Qwen3Stack
+from engine.models.qwen3 import Qwen3Stack
 
 
 class TalkerModel(Qwen3Stack):
@@ -61,9 +61,9 @@ class Talker(nn.Module):
             out = out + table(codes[..., j + 1])
         return out
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run new rows through the stack; returns the normed hidden states [B, S, hidden]."""
-        return self.model(x, cache)
+    def fuse_weights_(self) -> None:
+        self.model.fuse_weights_()
+        self.code_predictor.model.fuse_weights_()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Codebook-0 (+control) logits, always fp32."""
