@@ -71,6 +71,7 @@ class Finished:
     wall_seconds: float
     error: str | None = None
     error_code: str | None = None
+    codes: np.ndarray | None = None  # [frames, 16] int64, the generated codes
 
 
 @dataclass

@@ -133,6 +133,10 @@ class BlockManager:
                 self.hash_to_block[h] = block
         table.pending_hashes.clear()
 
+    def can_append(self, request_id: str) -> bool:
+        table = self.tables[request_id]
+        return table.num_tokens < len(table.blocks) * self.block_size or self.num_free > 0
+
     def append_slot(self, request_id: str) -> int:
         """Reserve the next position of a decoding request; returns its slot (block*size+offset)."""
         table = self.tables[request_id]

@@ -25,8 +25,10 @@ FRAMES_PER_TEXT_TOKEN = 12
 MIN_FRAME_CAP = 40
 
 
-def default_max_frames(num_text_tokens: int, model_limit: int) -> int:
-    return min(model_limit, MIN_FRAME_CAP + FRAMES_PER_TEXT_TOKEN * num_text_tokens)
+def default_max_frames(num_text_tokens: int, model_limit: int, frames_per_text_token: int = FRAMES_PER_TEXT_TOKEN,
+                       min_frame_cap: int = MIN_FRAME_CAP) -> int:
+    """The runaway guard: a frame cap from the text length, never above the model's own limit."""
+    return min(model_limit, min_frame_cap + frames_per_text_token * num_text_tokens)
 
 
 @dataclass

@@ -1,0 +1,257 @@
+"""The serving engine: one thread owns the device and runs the step loop; asyncio consumers
+submit requests and iterate their audio.
+
+The two sides meet only at thread-safe queues: the event loop never waits for a device step,
+and the step loop never waits for the event loop. Each request's output queue is bounded: when a
+consumer falls behind, only that request pauses (it keeps its KV blocks and resumes when the
+consumer catches up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.api import AudioChunk, EngineError, EngineStats, Finished, Request, StopReason
+from engine.block_manager import BlockManager
+from engine.codec_stream import CodecStream
+from engine.config import EngineConfig
+from engine.generate import default_max_frames
+from engine.model import TTSModel
+from engine.paged_context import PagedKVCache
+from engine.prompt import PromptError, build_prompt
+from engine.request import RequestState, Status
+from engine.runner import Runner
+from engine.scheduler import Scheduler
+from engine.text import TextError
+from engine.voice import VoicePrompt
+
+log = logging.getLogger("makima.engine")
+
+
+class _Consumer:
+    """The asyncio side of one request: a queue filled from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.limit = limit
+        self.outstanding = 0  # chunks put but not yet taken (read from the engine thread)
+        self.submitted_at = time.perf_counter()
+
+    def put(self, item: AudioChunk | Finished) -> None:
+        if isinstance(item, AudioChunk):
+            self.outstanding += 1
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    @property
+    def full(self) -> bool:
+        return self.outstanding >= self.limit
+
+
+class Engine:
+    def __init__(self, model: TTSModel, cfg: EngineConfig | None = None) -> None:
+        self.model, self.cfg = model, cfg or EngineConfig()
+        talker_cfg = model.cfg.talker.transformer
+        num_blocks = self.cfg.num_kv_blocks or max(
+            16, int(self.cfg.kv_cache_gb * 2**30 // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,
+                                                                                 model.dtype)))
+        self.blocks = BlockManager(num_blocks, self.cfg.block_size)
+        self.kv = PagedKVCache(talker_cfg, num_blocks, self.cfg.block_size, model.dtype, model.device)
+        self.scheduler = Scheduler(self.cfg, self.blocks)
+        self.runner = Runner(model.tts.talker, self.kv, self.blocks)
+        self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
+                                 model.cfg.speech_tokenizer.samples_per_frame)
+        self.sample_rate = model.sample_rate
+        self.languages = ["auto", *sorted(k for k in model.cfg.talker.language_ids if "dialect" not in k)]
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._states: dict[str, RequestState] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._ids = itertools.count()
+        self._frames_generated = 0
+        self._step_times: dict[str, float] = {"steps": 0, "talker_s": 0.0, "codec_s": 0.0, "schedule_s": 0.0}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="makima-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str | Path, cfg: EngineConfig | None = None) -> Engine:
+        cfg = cfg or EngineConfig()
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        return cls(TTSModel.load(model, device=cfg.device, dtype=dtype), cfg)
+
+    # ---- asyncio side ------------------------------------------------------------------------
+    async def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]:
+        """Queue a request; yields its audio chunks in order, then one ``Finished``. Leaving the
+        iteration early (break, cancellation, disconnect) cancels the request."""
+        if not request.request_id:
+            request.request_id = f"req-{next(self._ids)}"
+        rid = request.request_id
+        consumer = _Consumer(asyncio.get_running_loop(), self.cfg.output_queue_chunks)
+        self._call(lambda: self._admit(request, consumer))
+        finished = False
+        try:
+            while True:
+                item = await consumer.queue.get()
+                if isinstance(item, AudioChunk):
+                    consumer.outstanding -= 1
+                    self._wake.set()  # a paused request may resume
+                yield item
+                if isinstance(item, Finished):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def cancel(self, request_id: str) -> None:
+        self._call(lambda: self._cancel(request_id))
+
+    async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt:
+        fut: Future = Future()
+
+        def job() -> None:
+            try:
+                fut.set_result(self.model.voice_prompt(audio_24k, ref_text, x_vector_only))
+            except Exception as e:  # reported to the caller, never kills the loop
+                fut.set_exception(e)
+
+        self._call(job)
+        return await asyncio.wrap_future(fut)
+
+    def stats(self) -> EngineStats:
+        running = [s for s in self._states.values() if s.status in (Status.PREFILL, Status.DECODE)]
+        return EngineStats(running=len(running), waiting=len(self._states) - len(running),
+                           kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+                           kv_blocks_cached=self.blocks.num_cached, frames_generated=self._frames_generated,
+                           extra={**self._step_times, "preemptions": self.scheduler.preemptions})
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _admit(self, request: Request, consumer: _Consumer) -> None:
+        rid = request.request_id
+        try:
+            if rid in self._states:
+                raise EngineError("DUPLICATE_ID", f"request id {rid!r} is already running")
+            model = self.model
+            text_ids = model.tokenizer.target_ids(request.text)
+            prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids, request.voice,
+                                  request.language, request.non_streaming_text)
+            sampling = request.sampling or model.sampling()
+            sampling.validate()
+            cap = default_max_frames(len(text_ids), model.cfg.generation.max_new_tokens,
+                                     self.cfg.frames_per_text_token, self.cfg.min_frame_cap)
+            max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.prefill.shape[0])
+            if max_frames < 1:
+                raise EngineError("TEXT_TOO_LONG", "the prompt does not fit in a request's sequence limit")
+        except (TextError, PromptError, ValueError) as e:
+            code = e.code if isinstance(e, EngineError) else "INVALID_REQUEST"
+            consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=str(e), error_code=code))
+            return
+        state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
+                             max_frames=max_frames)
+        self._states[rid] = state
+        self._consumers[rid] = consumer
+        self.codec.open(rid, request.voice.ref_codes if request.voice.is_icl else None)
+        self.scheduler.add(state)
+
+    def _cancel(self, request_id: str) -> None:
+        state = self._states.get(request_id)
+        if state is not None:
+            self._finish(state, StopReason.CANCELLED)
+
+    def _finish(self, state: RequestState, reason: StopReason, error: str | None = None,
+                error_code: str | None = None) -> None:
+        rid = state.request_id
+        self.scheduler.remove(state)  # frees the KV blocks now
+        self.codec.close(rid)
+        state.status, state.stop_reason = Status.FINISHED, reason
+        self._states.pop(rid, None)
+        consumer = self._consumers.pop(rid, None)
+        if consumer is not None:
+            frames = len(state.frames)
+            ttfa = None if state.first_chunk_at is None else state.first_chunk_at - consumer.submitted_at
+            seconds = frames * self.model.cfg.speech_tokenizer.samples_per_frame / self.sample_rate
+            codes = np.asarray(state.frames, dtype=np.int64).reshape(frames, -1)
+            consumer.put(Finished(rid, reason, frames, seconds, ttfa, time.perf_counter() - consumer.submitted_at,
+                                  error, error_code, codes))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _paused(self) -> set[str]:
+        return {rid for rid, c in self._consumers.items() if c.full}
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            self._drain_inbox()
+            t0 = time.perf_counter()
+            plan = self.scheduler.schedule(paused=self._paused())
+            t1 = time.perf_counter()
+            if plan.empty:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.runner.step(plan)
+            except Exception as e:  # a failed step fails its requests, never the engine
+                log.exception("engine step failed")
+                for it in plan.decodes + plan.prefills:
+                    self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
+                continue
+            t2 = time.perf_counter()
+            finals: set[str] = set()
+            for it in plan.prefills:
+                st = it.state
+                if st.num_computed >= st.num_rows and st.status == Status.PREFILL:
+                    self.blocks.commit_prefix(st.request_id)
+                    st.status = Status.DECODE
+            done = []
+            for out in outputs:
+                rid = out.state.request_id
+                if out.frame is not None:
+                    self.codec.push(rid, out.frame)
+                    self._frames_generated += 1
+                if out.last:
+                    finals.add(rid)
+                    done.append((out.state, StopReason.EOS if out.frame is None else StopReason.MAX_FRAMES))
+            for chunk in self.codec.collect(finals):
+                st = self._states.get(chunk.request_id)
+                if st is None:
+                    continue
+                if st.first_chunk_at is None:
+                    st.first_chunk_at = time.perf_counter()
+                self._consumers[chunk.request_id].put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame,
+                                                                 chunk.num_frames))
+            for state, reason in done:
+                self._finish(state, reason)
+            t3 = time.perf_counter()
+            st = self._step_times
+            st["steps"] += 1
+            st["schedule_s"] += t1 - t0
+            st["talker_s"] += t2 - t1
+            st["codec_s"] += t3 - t2

@@ -1,0 +1,97 @@
+"""A request's life inside the engine: its prompt, progress, sampling state and output.
+
+States: WAITING (queued, or preempted and waiting to recompute) → PREFILL (prompt rows being
+written to the KV cache, possibly over several steps) → DECODE (one frame per step) → FINISHED.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.api import Priority, Request, StopReason
+from engine.block_manager import chain_hash
+from engine.prompt import Prompt
+from engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: Request
+    request_id: str
+    prompt: Prompt
+    sampling: SamplingParams
+    max_frames: int
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    # Rows the talker must consume before the next frame can be sampled: the prompt at first; after a
+    # preemption also the input rows of every frame generated so far (recompute).
+    pending_rows: torch.Tensor | None = None
+    num_computed: int = 0  # rows of pending_rows already in the KV cache
+    frames: list[list[int]] = field(default_factory=list)
+    frame_rows: list[torch.Tensor] = field(default_factory=list)  # talker input row of each generated frame
+    next_row: torch.Tensor | None = None  # the input that follows the last frame (decode step input)
+    generator: torch.Generator | None = None
+    stop_reason: StopReason | None = None
+    error: str | None = None
+    first_chunk_at: float | None = None
+    frames_emitted: int = 0
+    cancelled: bool = False
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.pending_rows = self.prompt.prefill
+        p = self.sampling
+        if p.seed is not None and (p.do_sample or p.subtalker_do_sample):
+            self.generator = torch.Generator(device=self.prompt.prefill.device).manual_seed(p.seed)
+
+    @property
+    def priority(self) -> Priority:
+        return self.request.priority
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this request occupies in the KV cache once pending rows are computed."""
+        return self.pending_rows.shape[0] if self.pending_rows is not None else 0
+
+    @property
+    def history(self) -> list[int]:
+        return [f[0] for f in self.frames]
+
+    def prefix_block_hashes(self, block_size: int) -> list[int]:
+        """Hash chain over the prompt's full blocks, excluding the block that holds the last row
+        (it must be computed to produce a hidden state). Equal rows → equal K/V → shareable."""
+        if self.preemptions or self.frames:
+            return []  # recompute rows include generated frames: nothing worth sharing
+        rows = self.prompt.prefill
+        full = (rows.shape[0] - 1) // block_size
+        hashes, h = [], None
+        for i in range(full):
+            block = rows[i * block_size:(i + 1) * block_size].float().contiguous().cpu().numpy().tobytes()
+            h = chain_hash(h, hashlib.blake2b(block, digest_size=16).digest())
+            hashes.append(h)
+        return hashes
+
+    def trailing_row(self, frame_index: int) -> torch.Tensor:
+        p = self.prompt
+        return p.trailing[frame_index] if frame_index < p.trailing.shape[0] else p.pad
+
+    def preempt(self) -> None:
+        """Drop the KV cache; recompute prompt + generated frames when readmitted."""
+        self.preemptions += 1
+        rows = [self.prompt.prefill, *[r[None] for r in self.frame_rows]]
+        self.pending_rows = torch.cat(rows)
+        self.num_computed = 0
+        self.next_row = None
+        self.status = Status.WAITING

@@ -1,0 +1,139 @@
+"""Runs one scheduled step on the device: a batched talker forward over paged KV, codebook-0
+sampling per request, and the code predictor's 15 sub-steps batched across every request that
+produced a frame this step.
+
+Batch invariance: every request samples from its own generator in a fixed order (talker draw,
+then 15 predictor draws), so its codes do not depend on who else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.models.talker import Talker
+from engine.paged_context import PagedContext, PagedKVCache
+from engine.request import RequestState
+from engine.sampling import TalkerLogitsProcessor, draw
+from engine.scheduler import Plan
+
+
+@dataclass
+class FrameOutput:
+    state: RequestState
+    frame: list[int] | None  # None: the request sampled EOS
+    last: bool  # no further frame will follow (EOS or the frame cap)
+
+
+class Runner:
+    def __init__(self, talker: Talker, kv: PagedKVCache, blocks: BlockManager) -> None:
+        self.talker, self.kv, self.blocks = talker, kv, blocks
+        tcfg = talker.cfg
+        self.process = TalkerLogitsProcessor(tcfg.transformer.vocab_size, tcfg.codec.eos)
+        self.eos = tcfg.codec.eos
+        self.device = talker.codec_head.weight.device
+        self.rope = talker.model.rope
+
+    # ---- talker ------------------------------------------------------------------------------
+    def _talker_batch(self, plan: Plan) -> tuple[torch.Tensor, PagedContext]:
+        rows, positions, slots, tables, ctx_lens, q_lens = [], [], [], [], [], []
+        bs = self.kv.block_size
+        for it in plan.decodes:
+            rows.append(it.state.next_row[None])
+        for it in plan.prefills:
+            rows.append(it.state.pending_rows[it.state.num_computed:it.state.num_computed + it.num_rows])
+        for it in plan.decodes + plan.prefills:
+            st = it.state
+            table = self.blocks.table(st.request_id).blocks
+            pos = torch.arange(it.start, it.start + it.num_rows)
+            positions.append(pos)
+            blocks = torch.tensor(table, dtype=torch.long)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            tables.append(table)
+            ctx_lens.append(it.start + it.num_rows)
+            q_lens.append(it.num_rows)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        positions_t = torch.cat(positions)
+        ctx = PagedContext(
+            cache=self.kv, cos_sin=self.rope.get(int(max(ctx_lens)), self.device),
+            eps=self.talker.cfg.transformer.rms_norm_eps, positions=positions_t.to(self.device),
+            slot_mapping=torch.cat(slots).to(self.device), block_tables=block_tables.to(self.device),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=self.device),
+            cu_seqlens_q=None if not plan.prefills else torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()],
+                                                                dtype=torch.int32, device=self.device))
+        return torch.cat(rows), ctx
+
+    @torch.inference_mode()
+    def step(self, plan: Plan) -> list[FrameOutput]:
+        items = plan.decodes + plan.prefills
+        x, ctx = self._talker_batch(plan)
+        hidden = self.talker.model(x, ctx)
+        # The last row of each sequence; only sequences whose rows are all consumed sample a frame.
+        ends = torch.tensor([it.num_rows for it in items]).cumsum(0) - 1
+        ready_states, ready_rows = [], []
+        for index, (it, end) in enumerate(zip(items, ends.tolist(), strict=True)):
+            st = it.state
+            if index >= len(plan.decodes):  # a prefill chunk: a frame only once the prompt is in
+                st.num_computed += it.num_rows
+                if st.num_computed < st.num_rows:
+                    continue
+            ready_states.append(st)
+            ready_rows.append(end)
+        if not ready_states:
+            return []
+        return self._sample_frames(ready_states, hidden[ready_rows])
+
+    # ---- frames ------------------------------------------------------------------------------
+    def _sample_frames(self, states: list[RequestState], hidden: torch.Tensor) -> list[FrameOutput]:
+        logits = self.talker.logits(hidden)  # [B, vocab] fp32
+        outputs: list[FrameOutput] = []
+        keep_states, keep_rows, c0s = [], [], []
+        for i, st in enumerate(states):
+            p = st.sampling
+            history = torch.tensor(st.history, dtype=torch.long, device=self.device)
+            row = self.process(logits[i], history, len(st.frames), p)
+            c0 = draw(row, p.do_sample, p.temperature, p.top_k, p.top_p, st.generator)
+            if c0 == self.eos:
+                outputs.append(FrameOutput(st, None, last=True))
+                continue
+            keep_states.append(st)
+            keep_rows.append(i)
+            c0s.append(c0)
+        if not keep_states:
+            return outputs
+        codes = self._predict_residual(keep_states, hidden[keep_rows], c0s)
+        frames = torch.cat([torch.tensor(c0s, device=self.device)[:, None], codes], dim=1)  # [B, 16]
+        inputs = self.talker.embed_frames(frames)
+        for i, st in enumerate(keep_states):
+            frame = frames[i].tolist()
+            st.frames.append(frame)
+            row = inputs[i] + st.trailing_row(len(st.frames) - 1)
+            st.frame_rows.append(row)
+            st.next_row, st.pending_rows = row, None
+            outputs.append(FrameOutput(st, frame, last=len(st.frames) >= st.max_frames))
+        return outputs
+
+    def _predict_residual(self, states: list[RequestState], hidden: torch.Tensor, c0s: list[int]) -> torch.Tensor:
+        """Codebooks 1..15 for B frames at once; each row drawn with its request's own sampler."""
+        predictor = self.talker.code_predictor
+        ctx = predictor.new_context(batch=len(states))
+        c0 = torch.tensor(c0s, device=self.device)
+        x = torch.stack([hidden, self.talker.embed_codec(c0)], dim=1)  # [B, 2, talker_hidden]
+        greedy = all(not st.sampling.subtalker_do_sample for st in states)
+        columns = []
+        for j in range(predictor.num_residual_codebooks):
+            logits = predictor.step(x, ctx, head=j)  # [B, vocab]
+            if greedy:
+                codes = logits.argmax(dim=-1)
+            else:
+                codes = torch.tensor([
+                    draw(logits[i], p.subtalker_do_sample, p.subtalker_temperature, p.subtalker_top_k,
+                         p.subtalker_top_p, st.generator)
+                    for i, (st, p) in enumerate((s, s.sampling) for s in states)], device=self.device)
+            columns.append(codes)
+            if j + 1 < predictor.num_residual_codebooks:
+                x = predictor.model.codec_embedding[j](codes)[:, None]
+        return torch.stack(columns, dim=1)
