@@ -1,6 +1,7 @@
 """The serving engine: batch invariance, streaming = full decode, no leaks, cancellation."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -108,19 +109,19 @@ def test_cancel_mid_stream_frees_blocks_and_spares_others(tiny_model, voices, en
                         sampling=greedy(tiny_model))
         seen = 0
         other_task = asyncio.create_task(collect(engine, other))
-        async for item in engine.submit(victim):
+        async for _chunk in engine.submit(victim):
             seen += 1
             if seen == 2:
                 break  # leaving the iterator cancels the request
-        other_chunks, other_fin = await other_task
+        _, other_fin = await other_task
         return other_fin
     other_fin = asyncio.run(main())
     alone = tiny_model.synthesize(TEXTS[1], voices["icl_a"], "auto", greedy(tiny_model), 10)
     assert np.array_equal(other_fin.codes, alone.codes.numpy())
-    deadline = 50
-    while engine.stats().running and deadline:
-        deadline -= 1
-        asyncio.run(asyncio.sleep(0.02))
+    # The cancel is processed at the start of the engine's next step.
+    deadline = time.monotonic() + 5
+    while engine.blocks.num_used and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine.blocks.num_used == 0
 
 
@@ -132,12 +133,11 @@ def test_preemption_recomputes_and_keeps_outputs_and_frees_blocks(tiny_model, vo
                         sampling=greedy(tiny_model), request_id=f"p{i}",
                         priority=[Priority.HIGH, Priority.NORMAL, Priority.LOW][i]) for i in range(3)]
         results = run_all(eng, reqs)
-        preempted = sum(1 for _ in [])  # preemptions are counted on the request state; check outputs instead
         for req, (_, fin) in zip(reqs, results, strict=True):
             alone = tiny_model.synthesize(req.text, req.voice, req.language, greedy(tiny_model), req.max_frames)
             assert np.array_equal(fin.codes, alone.codes.numpy()), req.request_id
         assert eng.blocks.num_used == 0
-        assert eng.stats().extra["preemptions"] >= 1 + preempted
+        assert eng.stats().extra["preemptions"] >= 1
     finally:
         eng.shutdown()
 
