@@ -16,8 +16,12 @@ DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synthesize", help="synthesize speech with a cloned voice into a WAV file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
-    p.add_argument("--text", required=True, help="text to speak")
-    p.add_argument("--out", required=True, type=Path, help="output WAV (24 kHz mono float32)")
+    p.add_argument("--text", help="text to speak")
+    p.add_argument("--out", type=Path, help="output WAV (24 kHz mono float32)")
+    p.add_argument("--requests", type=Path, help="JSONL of requests (id, text and the options below) to run "
+                   "concurrently through the batching engine; writes into --out-dir")
+    p.add_argument("--out-dir", type=Path, help="with --requests: DIR/<id>.wav, DIR/<id>.codes.npy, DIR/summary.json")
+    p.add_argument("--stagger-ms", type=float, default=0.0, help="with --requests: arrival gap between requests")
     p.add_argument("--language", default="auto", help="language name (english, chinese, ...) or auto")
     p.add_argument("--ref-audio", type=Path, help="reference audio of the voice to clone (any rate/channels)")
     p.add_argument("--ref-text", help="transcript of --ref-audio (ICL cloning)")
@@ -32,7 +36,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--non-streaming-text", action="store_true", help="put the whole text in the prompt")
     p.add_argument("--codes-out", type=Path, help="write the generated codes (frames x 16) as .npy")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
 
 
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -42,12 +47,40 @@ def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _synthesize_requests(args: argparse.Namespace) -> int:
+    from engine.batch_synthesize import run_requests
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    if args.out_dir is None:
+        raise ValueError("--requests needs --out-dir")
+    if args.text or args.out:
+        raise ValueError("--requests replaces --text/--out")
+    if not args.requests.is_file():
+        raise ValueError(f"--requests {args.requests}: no such file")
+    engine = Engine.from_model(args.model, EngineConfig(device=args.device, dtype=args.dtype))
+    try:
+        report = run_requests(engine, args.requests, args.out_dir, args.stagger_ms)
+    finally:
+        engine.shutdown()
+    for error in report["errors"]:
+        print(f"makima-tts synthesize: {error}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if k != "requests"}))
+    return 0 if not report["errors"] else 1
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.synthesize import SynthesisRequest, run
     from engine.model import TTSModel
+    from engine.synthesize import SynthesisRequest, run
 
+    if args.requests is not None:
+        return _synthesize_requests(args)
+    if args.text is None or args.out is None:
+        raise ValueError("--text and --out are required (or --requests with --out-dir)")
+    if not args.text.strip():
+        raise ValueError("--text is empty")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.ref_text and args.x_vector_only:
         raise ValueError("--ref-text and --x-vector-only exclude each other")
