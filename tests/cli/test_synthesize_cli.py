@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from engine.audio import write_wav
 from server.cli import main
 
 
