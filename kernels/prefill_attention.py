@@ -24,6 +24,8 @@ in ``q.dtype``.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,23 @@ import triton.language as tl
 from ._common import FLOAT_DTYPES, check_triton_device, dot_precision, dot_upcast, next_power_of_2
 
 LOG2E = 1.4426950408889634
+
+# Scratch for the reference's KV gather, reused across calls: a fresh multi-megabyte tensor per call
+# costs more in first-touch page faults than the copy itself on a CPU (8x at 64 MiB). Per thread, so
+# concurrent callers never share one.
+_gather_scratch = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    numel = 1
+    for size in shape:
+        numel *= size
+    key = (name, like.dtype, like.device)
+    buffers = _gather_scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
 
 
 @triton.jit
@@ -223,14 +242,25 @@ def paged_prefill_attention_reference(
     ctx = context_lens.long()
     max_q, max_ctx = int(q_lens.max()), max(int(ctx.max()), 1)
 
-    # KV, gathered and padded to [B, Hk, max_ctx, D]. Block-table entries past a sequence's end may be
-    # garbage ids, and slots past its end garbage values (even NaN, which a zero weight would not cancel).
+    # KV, gathered whole pages at a time (a few large copies, not one per token) and padded to
+    # [B, Hk, max_ctx, D]. Block-table entries past a sequence's end may be garbage ids, and slots past
+    # its end garbage values (even NaN, which a zero attention weight would not cancel): zero them.
+    num_pages = -(-max_ctx // block_size)
+    page_start = torch.arange(num_pages, device=q.device) * block_size
+    pages = block_tables[:, :num_pages].long().where(page_start[None, :] < ctx[:, None], 0).flatten()
     kv_pos = torch.arange(max_ctx, device=q.device)
     in_range = kv_pos[None, :] < ctx[:, None]
-    pages = block_tables[:, kv_pos // block_size].long().where(in_range, 0)
-    outside = ~in_range[:, :, None, None]
-    k = k_cache[pages, kv_pos % block_size].float().masked_fill_(outside, 0.0).transpose(1, 2)
-    v = v_cache[pages, kv_pos % block_size].float().masked_fill_(outside, 0.0).transpose(1, 2)
+    # Index lists, not a boolean mask: a mask assignment is a pass over the whole gathered cache.
+    outside = (~in_range).nonzero(as_tuple=True)
+
+    def gather(cache: torch.Tensor, name: str) -> torch.Tensor:
+        paged = _scratch(name, (pages.numel(), *cache.shape[1:]), cache)
+        torch.index_select(cache, 0, pages, out=paged)
+        paged = paged.view(num_seqs, num_pages * block_size, *cache.shape[2:])[:, :max_ctx].float()
+        paged[outside] = 0.0
+        return paged.transpose(1, 2)
+
+    k, v = gather(k_cache, "k"), gather(v_cache, "v")
 
     # Queries padded to [B, Hq, max_q, D]; padded rows are clamped to a real token and dropped at the end.
     q_idx = torch.arange(max_q, device=q.device)
@@ -238,15 +268,23 @@ def paged_prefill_attention_reference(
     tokens = (cu_seqlens_q[:-1].long()[:, None] + q_idx[None, :]).clamp(max=num_tokens - 1)
     qp = q[tokens].float().transpose(1, 2)
 
-    query_pos = (ctx - q_lens)[:, None] + q_idx[None, :]
-    visible = (kv_pos[None, None, :] <= query_pos[:, :, None]) & in_range[:, None, :]
-    if sliding_window > 0:
-        visible &= kv_pos[None, None, :] > query_pos[:, :, None] - sliding_window
-    o = torch.nn.functional.scaled_dot_product_attention(
-        qp, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=num_q_heads != k.shape[1]
-    )
-    # Rows that see no key are zero by definition (SDPA backends disagree on them).
-    o = o.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+    gqa = num_q_heads != k.shape[1]
+    if sliding_window == 0 and bool((q_lens == ctx).all()) and bool((q_lens == max_q).all()):
+        # Fresh prompts of one length, no prefix: plain causal attention, which SDPA can do without
+        # materialising a mask and skipping the masked half (about 2x faster on a CPU).
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qp, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        query_pos = (ctx - q_lens)[:, None] + q_idx[None, :]
+        visible = (kv_pos[None, None, :] <= query_pos[:, :, None]) & in_range[:, None, :]
+        if sliding_window > 0:
+            visible &= kv_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qp, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=gqa
+        )
+        # Rows that see no key are zero by definition (SDPA backends disagree on them).
+        o = o.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
     out[:] = o.transpose(1, 2)[q_valid].to(q.dtype)
     return out
 

@@ -32,8 +32,9 @@ def check(hq, hk, d, dtype, device, seqs, window, block_m, block_n, seed=0):
     assert_close(out.cpu(), ref)
 
 
-def test_reference_matches_naive():
-    seqs = [(1, 1), (3, 15), (5, 17), (16, 16), (4, 40)]
+# The second batch is all fresh prompts of one length: the reference's unmasked is_causal shortcut.
+@pytest.mark.parametrize("seqs", [[(1, 1), (3, 15), (5, 17), (16, 16), (4, 40)], [(19, 19), (19, 19)]])
+def test_reference_matches_naive(seqs):
     q_lens, context_lens = [s[0] for s in seqs], [s[1] for s in seqs]
     k_cache, v_cache, block_tables, ctx = make_paged_kv(
         context_lens, 2, 32, torch.float32, torch.device("cpu")
