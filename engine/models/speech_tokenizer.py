@@ -47,7 +47,7 @@ class SpeechTokenizer(nn.Module):
             raise ValueError(f"expected mono audio [n], got shape {tuple(audio.shape)}")
         if audio.numel() == 0:
             return torch.zeros(0, self.num_quantizers, dtype=torch.long, device=self.device)
-        return self.encoder(audio.to(self.device, torch.float32)[None])[0].transpose(0, 1)
+        return self.encoder(audio.to(self.device, torch.float32)[None])[0].transpose(0, 1).contiguous()
 
     @torch.inference_mode()
     def encode_batch(self, audios: list[torch.Tensor]) -> list[torch.Tensor]:
