@@ -79,7 +79,7 @@ class Engine:
         self._consumers: dict[str, _Consumer] = {}
         self._ids = itertools.count()
         self._frames_generated = 0
-        self._step_times: dict[str, float] = {"steps": 0, "talker_s": 0.0, "codec_s": 0.0, "schedule_s": 0.0}
+        self._step_times: dict[str, float] = {"steps": 0, "step_s": 0.0, "codec_s": 0.0, "schedule_s": 0.0}
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="makima-engine", daemon=True)
         self._thread.start()
@@ -134,7 +134,8 @@ class Engine:
         return EngineStats(running=len(running), waiting=len(self._states) - len(running),
                            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
                            kv_blocks_cached=self.blocks.num_cached, frames_generated=self._frames_generated,
-                           extra={**self._step_times, "preemptions": self.scheduler.preemptions})
+                           extra={**self._step_times, **self.runner.timings,
+                                  "preemptions": self.scheduler.preemptions})
 
     def shutdown(self) -> None:
         self._stop = True
@@ -253,5 +254,5 @@ class Engine:
             st = self._step_times
             st["steps"] += 1
             st["schedule_s"] += t1 - t0
-            st["talker_s"] += t2 - t1
+            st["step_s"] += t2 - t1
             st["codec_s"] += t3 - t2

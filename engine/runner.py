@@ -8,6 +8,7 @@ then 15 predictor draws), so its codes do not depend on who else is in the batch
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ class Runner:
         self.eos = tcfg.codec.eos
         self.device = talker.codec_head.weight.device
         self.rope = talker.model.rope
+        # Cumulative seconds per phase (what `bench engine` reports as the step split).
+        self.timings = {"prefill_s": 0.0, "talker_s": 0.0, "predictor_s": 0.0, "sample_s": 0.0}
 
     # ---- talker ------------------------------------------------------------------------------
     def _talker_batch(self, plan: Plan) -> tuple[torch.Tensor, PagedContext]:
@@ -69,8 +72,11 @@ class Runner:
     @torch.inference_mode()
     def step(self, plan: Plan) -> list[FrameOutput]:
         items = plan.decodes + plan.prefills
+        t0 = time.perf_counter()
         x, ctx = self._talker_batch(plan)
         hidden = self.talker.model(x, ctx)
+        # A step with prefill rows is charged to prefill: that is the cost new arrivals add.
+        self.timings["prefill_s" if plan.prefills else "talker_s"] += time.perf_counter() - t0
         # The last row of each sequence; only sequences whose rows are all consumed sample a frame.
         ends = torch.tensor([it.num_rows for it in items]).cumsum(0) - 1
         ready_states, ready_rows = [], []
@@ -88,6 +94,7 @@ class Runner:
 
     # ---- frames ------------------------------------------------------------------------------
     def _sample_frames(self, states: list[RequestState], hidden: torch.Tensor) -> list[FrameOutput]:
+        t0 = time.perf_counter()
         logits = self.talker.logits(hidden)  # [B, vocab] fp32
         outputs: list[FrameOutput] = []
         keep_states, keep_rows, c0s = [], [], []
@@ -102,9 +109,12 @@ class Runner:
             keep_states.append(st)
             keep_rows.append(i)
             c0s.append(c0)
+        t1 = time.perf_counter()
+        self.timings["sample_s"] += t1 - t0
         if not keep_states:
             return outputs
         codes = self._predict_residual(keep_states, hidden[keep_rows], c0s)
+        self.timings["predictor_s"] += time.perf_counter() - t1
         frames = torch.cat([torch.tensor(c0s, device=self.device)[:, None], codes], dim=1)  # [B, 16]
         inputs = self.talker.embed_frames(frames)
         for i, st in enumerate(keep_states):

@@ -1,0 +1,98 @@
+"""``makima-tts bench engine``: the engine from inside, offline.
+
+For each concurrency N, N requests with an x-vector voice start together and each generates a
+fixed number of frames (greedy); reported: aggregate frames/s, time to first audio, and the step
+split (prefill, talker decode, predictor, sampling, codec, scheduling), plus peak memory. The
+voice prompt is made once beforehand, as a server does for a registered voice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.api import Finished, Request
+from engine.config import EngineConfig
+from engine.engine import Engine
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the quiet river bank.",
+    "Streaming speech should always stay ahead of real time for every listener.",
+    "Many sessions share one device, and each one gets its frames on time.",
+    "A new arrival must never stall the streams that are already running.",
+]
+
+
+async def _one(engine: Engine, request: Request) -> Finished:
+    async for item in engine.submit(request):
+        if isinstance(item, Finished):
+            return item
+    raise RuntimeError("no Finished")
+
+
+def run_concurrency(engine: Engine, voice, n: int, frames: int) -> dict:
+    before = dict(engine.stats().extra)
+    requests = [Request(text=TEXTS[i % len(TEXTS)], voice=voice, max_frames=frames,
+                        sampling=engine.model.sampling(greedy=True), request_id=f"bench-{n}-{i}") for i in range(n)]
+
+    async def main() -> list[Finished]:
+        return await asyncio.gather(*(_one(engine, r) for r in requests))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    after = engine.stats().extra
+    split = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_s") or k == "steps"}
+    total_frames = sum(r.frames for r in results)
+    model_s = split["prefill_s"] + split["talker_s"] + split["predictor_s"] + split["sample_s"]
+    busy = split["step_s"] + split["codec_s"] + split["schedule_s"]
+    return {
+        "sessions": n, "frames": total_frames, "wall_s": wall, "frames_per_s": total_frames / wall,
+        "ttfa_s": {"min": min(r.ttfa_seconds for r in results), "max": max(r.ttfa_seconds for r in results)},
+        "split_s": split,
+        "decode_step_s": split["talker_s"] / max(split["steps"], 1),
+        "scheduler_overhead": (busy - model_s - split["codec_s"]) / busy if busy else 0.0,
+        "stop_reasons": sorted({r.stop_reason.value for r in results}),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="makima-tts bench engine", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sessions", default="1,2,4,8")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    engine = Engine.from_model(args.model, EngineConfig(device=args.device))
+    try:
+        ref = (0.1 * np.sin(np.arange(48000) * 2 * np.pi * 150 / 24000)).astype(np.float32)
+        voice = asyncio.run(engine.make_voice(ref, None, True))
+        run_concurrency(engine, voice, 1, 2)  # warm-up
+        rows = [run_concurrency(engine, voice, int(n), args.frames) for n in args.sessions.split(",")]
+    finally:
+        engine.shutdown()
+    report = {"model": str(args.model), "device": args.device, "threads": torch.get_num_threads(),
+              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "runs": rows}
+    if torch.cuda.is_available() and args.device == "cuda":
+        report["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    base = rows[0]["frames_per_s"]
+    print(f"{'sessions':>8} {'frames/s':>9} {'x of 1':>7} {'step ms':>8} {'ttfa ms':>14} {'sched %':>8}")
+    for r in rows:
+        print(f"{r['sessions']:>8} {r['frames_per_s']:>9.2f} {r['frames_per_s'] / base:>7.2f} "
+              f"{1000 * r['decode_step_s']:>8.1f} {1000 * r['ttfa_s']['min']:>6.0f}-{1000 * r['ttfa_s']['max']:<6.0f} "
+              f"{100 * r['scheduler_overhead']:>8.2f}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
