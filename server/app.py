@@ -1,0 +1,188 @@
+"""The aiohttp application: routes, the auth/origin guard, health and readiness, drain, shutdown.
+
+``create_app`` takes the engine as a value (tests pass a fake; ``makima-tts serve`` passes None and
+attaches the real one when its model has loaded, so /health answers during the load and /ready
+turns true after it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import WSCloseCode, web
+
+from engine.api import TTSEngine
+from server import openai, speak, voice_api
+from server import protocol as P
+from server.metrics import CONTENT_TYPE
+from server.settings import ServerSettings
+from server.speak import SUBPROTOCOL, error_response
+from server.state import STATE, AppState, get_state, wait_idle
+from server.voices import VoiceRegistry
+
+log = logging.getLogger("makima.server")
+STATIC = Path(__file__).parent / "static"
+GUARDED = ("/api/", "/v1/")  # everything that synthesizes or changes state; pages, probes and metrics are open
+OPEN = frozenset({"/api/v1/info"})  # the page reads it to learn whether it must ask for a token
+TOKEN_PREFIX = "bearer."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
+PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
+                                           "style-src 'self' 'unsafe-inline'; img-src 'self' data:"}
+
+
+def _origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:  # non-browser clients send none; they authenticate by token
+        return True
+    if origin.rstrip("/").lower() in allowed:
+        return True
+    # Same origin: compare host:port only, since a TLS-terminating proxy changes the scheme we see.
+    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+
+
+def _token(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for proto in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        proto = proto.strip()
+        if proto.startswith(TOKEN_PREFIX):
+            return proto[len(TOKEN_PREFIX):]
+    return None
+
+
+def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
+    if token is None:
+        return False
+    # Compare against every token without stopping early: timing says nothing about which matched.
+    ok = False
+    for t in tokens:
+        ok |= hmac.compare_digest(token.encode(), t.encode())
+    return ok
+
+
+@web.middleware
+async def guard(request: web.Request, handler) -> web.StreamResponse:
+    if request.path.startswith(GUARDED) and request.path not in OPEN:
+        state = get_state(request)
+        s = state.settings
+        if not _origin_allowed(request, s.allowed_origins):
+            return error_response(P.ProtocolError(P.FORBIDDEN, "this Origin may not use the API"), state)
+        if s.auth_tokens and not _token_ok(_token(request), s.auth_tokens):
+            why = "missing token" if _token(request) is None else "wrong token"
+            return error_response(P.ProtocolError(P.UNAUTHORIZED, f"{why}: send Authorization: Bearer TOKEN, or on "
+                                                                  f"a WebSocket the subprotocols {SUBPROTOCOL}, "
+                                                                  f"{TOKEN_PREFIX}TOKEN"), state,
+                                  headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = get_state(request)
+    if state.ready:
+        return web.json_response({"ready": True})
+    reason = "draining" if state.draining else ("load failed: " + state.load_error if state.load_error
+                                                else "loading: " + state.load_progress)
+    return web.json_response({"ready": False, "reason": reason}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = get_state(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def info(request: web.Request) -> web.Response:
+    state = get_state(request)
+    s, e = state.settings, state.engine
+    return web.json_response({
+        "model": s.model_name, "noise": s.noise_model, "ready": state.ready, "progress": state.load_progress,
+        "error": state.load_error, "sample_rate": e.sample_rate if e else 24000,
+        "languages": list(e.languages) if e else [], "encodings": list(P.ENCODINGS),
+        "auth_required": bool(s.auth_tokens), "subprotocol": SUBPROTOCOL, "max_text_chars": s.max_text_chars,
+        "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice})
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "speak.html", headers=PAGE_HEADERS)
+
+
+async def root(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/speak")
+
+
+def attach_engine(app: web.Application, engine: TTSEngine) -> None:
+    state = app[STATE]
+    state.engine, state.load_error, state.load_progress = engine, None, "loaded"
+    state.metrics.ready.set(0 if state.draining else 1)
+
+
+def load_failed(app: web.Application, message: str) -> None:
+    state = app[STATE]
+    state.load_error = message
+    state.metrics.ready.set(0)
+
+
+async def drain(app: web.Application) -> bool:
+    """Stop taking new work (ready → 503, new sockets → 503) and wait for running streams."""
+    state = app[STATE]
+    state.draining = True
+    state.metrics.ready.set(0)
+    log.info("draining: waiting up to %.0f s for %d session(s)", state.settings.drain_timeout_s, state.active)
+    return await wait_idle(state, state.settings.drain_timeout_s)
+
+
+def exit_after_drain_on_sigterm(app: web.Application) -> None:
+    """Replace run_app's SIGTERM handler (installed before on_startup) with drain-then-exit."""
+    loop = asyncio.get_running_loop()
+
+    def _raise_exit() -> None:
+        raise web.GracefulExit()  # a SystemExit: it leaves run_forever, and run_app shuts down
+
+    async def _drain_then_exit() -> None:
+        await drain(app)
+        loop.call_soon(_raise_exit)
+
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(_drain_then_exit()))
+
+
+async def _on_startup(app: web.Application) -> None:
+    state = app[STATE]
+    await asyncio.get_running_loop().run_in_executor(None, state.voices.load)
+    if state.settings.default_voice and state.voices.info(state.settings.default_voice) is None:
+        log.warning("default voice %r is not in the registry; sessions must name a voice",
+                    state.settings.default_voice)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # Sockets still open after the drain: tell clients to reconnect elsewhere.
+    for ws in list(app[STATE].sessions):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Application:
+    # Bodies: a JSON speech request or voice upload carries at most the base64 of max_upload_bytes.
+    app = web.Application(middlewares=[guard], client_max_size=settings.ws_max_message_bytes)
+    state = AppState(settings=settings, voices=VoiceRegistry(settings.voices_dir, settings.voice_cache_size,
+                                                             settings.voice_cache_ttl_s))
+    app[STATE] = state
+    if engine is not None:
+        attach_engine(app, engine)
+    app.add_routes([
+        web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics),
+        web.get("/api/v1/info", info), web.get("/api/v1/speak", speak.handle),
+        web.post("/v1/audio/speech", openai.handle), *voice_api.routes(),
+        web.get("/", root), web.get("/speak", page),
+    ])
+    app.router.add_static("/static/", STATIC, follow_symlinks=False)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    return app

@@ -1,0 +1,179 @@
+"""``POST /v1/audio/speech``, shaped like OpenAI's so existing clients (OpenWebUI, SillyTavern, the
+openai SDK) work unchanged, plus the voice-cloning extensions Qwen3-TTS servers share.
+
+``pcm`` and ``wav`` stream the body as it is generated; ``flac``, ``mp3`` and ``opus`` are whole
+files (libsndfile encodes them at the end). ``stream_format: "sse"`` sends base64 PCM in
+``speech.audio.delta`` events and ends with ``speech.audio.done``. Unknown fields are ignored,
+as OpenAI-compatible clients often send their own extras.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import uuid
+
+import numpy as np
+from aiohttp import web
+
+from engine.api import AudioChunk, Finished
+from server import protocol as P
+from server.pcm import FILE_FORMATS, encode_file, encode_pcm, wav_header
+from server.speak import error_response
+from server.state import AppState, get_state
+from server.synth import Tracker, failed, stream_audio
+
+log = logging.getLogger("makima.server.openai")
+FORMATS = ("pcm", "wav", *FILE_FORMATS)
+
+
+def _field(body: dict, key: str, kinds: type | tuple[type, ...], default: object = None) -> object:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        raise P.ProtocolError(P.INVALID_MESSAGE, f"{key} has the wrong type")
+    return value
+
+
+def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
+    """The JSON body → (session-like start, text, response_format, stream_format)."""
+    s = state.settings
+    if not isinstance(body, dict):
+        raise P.ProtocolError(P.INVALID_MESSAGE, "the body must be a JSON object")
+    text = _field(body, "input", str)
+    if text is None:
+        raise P.ProtocolError(P.INVALID_MESSAGE, "input (the text to speak) is required")
+    P.check_text(text, s.max_text_chars)
+    fmt = _field(body, "response_format", str, "mp3")
+    if fmt not in FORMATS:
+        raise P.ProtocolError(P.UNSUPPORTED, f"response_format {fmt[:16]!r} is not offered; use one of "
+                                             f"{', '.join(FORMATS)}")
+    stream_format = _field(body, "stream_format", str, "audio")
+    if stream_format not in ("audio", "sse"):
+        raise P.ProtocolError(P.UNSUPPORTED, "stream_format must be audio or sse")
+    if stream_format == "sse" and fmt != "pcm":
+        raise P.ProtocolError(P.UNSUPPORTED, "stream_format sse sends pcm; set response_format to pcm")
+    speed = _field(body, "speed", (int, float), 1.0)
+    if speed != 1.0:
+        raise P.ProtocolError(P.UNSUPPORTED, "speed other than 1.0 is not offered")
+    if _field(body, "instructions", str):
+        raise P.ProtocolError(P.UNSUPPORTED, "instructions are not offered by Base (voice-cloning) models")
+    voice = body.get("voice")
+    if isinstance(voice, dict):  # OpenAI's custom-voice form {"id": ...}
+        voice = voice.get("id")
+    ref_audio = _field(body, "ref_audio", str)
+    if ref_audio is not None:
+        spec = P.parse_voice({"ref_audio": ref_audio, "ref_text": _field(body, "ref_text", str),
+                              "x_vector_only": _field(body, "x_vector_only", bool, False)}, s.max_upload_bytes)
+    elif voice is None:
+        spec = None
+    elif isinstance(voice, str):
+        spec = P.parse_voice(voice.strip().lower(), s.max_upload_bytes)
+    else:
+        raise P.ProtocolError(P.INVALID_MESSAGE, "voice must be a name or {\"id\": name}")
+    seed = _field(body, "seed", int)
+    language = (_field(body, "language", str, "auto") or "auto").strip().lower()
+    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=P.SamplingSpec(seed=seed))
+    return start, text, fmt, stream_format
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = get_state(request)
+    try:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise P.ProtocolError(P.INVALID_MESSAGE, f"the body is not valid JSON: {e}") from e
+        start, text, fmt, stream_format = parse(body, state)
+        engine = state.require_engine()
+        state.check_language(start.language)
+        state.acquire_slot()
+    except P.ProtocolError as e:
+        return error_response(e, state)
+    try:
+        try:
+            voice, _ = await state.voice_prompt(start.voice)
+        except P.ProtocolError as e:
+            return error_response(e, state)
+        state.metrics.input_chars.inc(len(text))
+        req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
+        track = Tracker(state.metrics, engine.sample_rate)
+        async with contextlib.aclosing(stream_audio(engine, req)) as stream:
+            if fmt in FILE_FORMATS:
+                return await _whole_file(stream, fmt, track, engine.sample_rate, state)
+            return await _streamed(request, stream, fmt, stream_format, track, engine.sample_rate, state, len(text))
+    finally:
+        state.release_slot()
+
+
+async def _whole_file(stream, fmt: str, track: Tracker, sample_rate: int, state: AppState) -> web.Response:
+    parts: list[np.ndarray] = []
+    async for item in stream:
+        if isinstance(item, AudioChunk):
+            parts.append(item.samples)
+            track.sent(item)
+        elif failed(item):
+            return error_response(track.error(item), state)
+        else:
+            track.done(item)
+    audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return web.Response(body=encode_file(audio, fmt, sample_rate), content_type=FILE_FORMATS[fmt][2])
+
+
+async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, track: Tracker, sample_rate: int,
+                    state: AppState, n_chars: int) -> web.StreamResponse:
+    # Status and headers go out with the first audio, so an error before it is still a clean 4xx/5xx.
+    resp: web.StreamResponse | None = None
+    sse = stream_format == "sse"
+    try:
+        async for item in stream:
+            if isinstance(item, Finished):
+                if failed(item):
+                    e = track.error(item)
+                    if resp is None:
+                        return error_response(e, state)
+                    if sse:
+                        await resp.write(_event(P.error(e.code, e.message)))
+                    log.warning("speech request failed mid-stream: %s", e.message)
+                    return resp  # a raw audio body can only end early; the client sees a short body
+                done = track.done(item)
+                if resp is None:
+                    resp = await _prepare(request, fmt, sse, sample_rate)
+                if sse:
+                    # No text tokens here: input counts characters, output counts frames (80 ms each).
+                    usage = {"input_tokens": n_chars, "output_tokens": done["frames"]}
+                    usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+                    await resp.write(_event({"type": "speech.audio.done", "usage": usage}))
+                await resp.write_eof()
+                return resp
+            if resp is None:
+                resp = await _prepare(request, fmt, sse, sample_rate)
+            pcm = encode_pcm(item.samples, "pcm_s16le")
+            if sse:
+                await resp.write(_event({"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()}))
+            else:
+                await resp.write(pcm)
+            track.sent(item)
+    except (ConnectionError, RuntimeError):  # the client went away; stream_audio's exit cancels the request
+        track.abandoned("client_gone")
+    return resp if resp is not None else web.Response(status=499)
+
+
+async def _prepare(request: web.Request, fmt: str, sse: bool, sample_rate: int) -> web.StreamResponse:
+    if sse:
+        ctype = "text/event-stream"
+    else:
+        ctype = "audio/wav" if fmt == "wav" else "audio/pcm"
+    resp = web.StreamResponse(headers={"Content-Type": ctype, "Cache-Control": "no-store",
+                                       "X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le"})
+    await resp.prepare(request)
+    if fmt == "wav" and not sse:
+        await resp.write(wav_header(sample_rate, "pcm_s16le"))
+    return resp
+
+
+def _event(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()

@@ -1,0 +1,32 @@
+"""Every knob the server has, in one dataclass, with the reason for each default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+    noise_model: bool = False  # a random checkpoint: say so in logs, /api/v1/info and on the page
+    voices_dir: Path | None = None  # None: voices live in memory only (tests, throwaway runs)
+    default_voice: str | None = None
+    max_sessions: int = 64  # WebSocket sessions + HTTP speech requests at once; more get OVERLOADED
+    auth_tokens: frozenset[str] = frozenset()  # empty: no authentication
+    # Origins allowed to open sockets and POST; empty: same origin only (plus clients that send no
+    # Origin, i.e. not browsers). "*" allows every origin.
+    allowed_origins: frozenset[str] = frozenset()
+    max_text_chars: int = 4096  # per utterance, OpenAI's cap
+    max_upload_bytes: int = 8 * 2**20  # reference audio as sent (file or base64-decoded)
+    max_ref_seconds: float = 30.0  # decoded duration: a 132 KiB FLAC can decode to 30 min of audio
+    # Client→server frames are JSON; the largest legitimate one is a start with inline base64 audio.
+    ws_max_message_bytes: int = 8 * 2**20 * 4 // 3 + 2**16
+    heartbeat_s: float = 15.0  # below nginx's 60 s proxy_read_timeout and common LB idle timeouts
+    idle_timeout_s: float = 120.0  # no message and nothing to synthesize for this long → close
+    write_timeout_s: float = 30.0  # aiohttp has no write timeout; a client that never reads is dropped
+    max_queued_utterances: int = 64  # per session
+    max_append_chars: int = 16384  # unflushed text an append stream may hold
+    voice_cache_size: int = 64  # prepared voice prompts kept in memory
+    voice_cache_ttl_s: float = 3600.0
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may finish

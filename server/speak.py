@@ -1,0 +1,271 @@
+"""``/api/v1/speak``: one WebSocket session = a voice, settings and a queue of utterances.
+
+The handler task is the only reader (aiohttp's rule) and reacts at once to cancel, stop and a
+vanished client; one worker task per session takes utterances in order, submits each to the
+engine and sends its audio. Cancelling the worker leaves the engine's stream early, which
+cancels the request and frees its KV blocks within one step. Every send has a timeout, so a
+client that stops reading loses its session instead of holding an engine slot forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine.api import AudioChunk, Finished
+from engine.voice import VoicePrompt
+from server import protocol as P
+from server.pcm import encode_pcm
+from server.sentences import SentenceBuffer
+from server.state import AppState, get_state
+from server.synth import Tracker, failed, stream_audio
+
+log = logging.getLogger("makima.server.speak")
+SUBPROTOCOL = "makima-tts.v1"
+
+
+@dataclass
+class Utterance:
+    id: str | int
+    text: str
+
+
+class ClientGone(Exception):
+    """The client closed, vanished or stopped reading; nothing more can be sent."""
+
+
+class Session:
+    def __init__(self, state: AppState, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+        self.state, self.ws, self.settings = state, ws, state.settings
+        self.transport = transport
+        self.id = uuid.uuid4().hex[:16]
+        self.start: P.Start | None = None
+        self.voice: VoicePrompt | None = None
+        self.queue: deque[Utterance] = deque()
+        self.current: Utterance | None = None
+        self.wakeup = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+        self.text = SentenceBuffer()
+        self._seq = itertools.count(1)
+        self.closing = False
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.queue)
+
+    # ---- sending ------------------------------------------------------------------------------
+    async def send_json(self, msg: dict) -> None:
+        if msg.get("type") == "error":
+            self.state.metrics.errors.labels(msg["code"]).inc()
+        await self._send(self.ws.send_json(msg))
+
+    async def send_error(self, e: P.ProtocolError) -> None:
+        await self.send_json(P.error(e.code, e.message, e.id))
+
+    async def _send(self, coro) -> None:
+        if self.ws.closed:
+            coro.close()
+            raise ClientGone()
+        try:
+            await asyncio.wait_for(coro, self.settings.write_timeout_s)
+        except asyncio.TimeoutError as e:
+            log.info("session %s: client stopped reading for %.0f s; closing", self.id, self.settings.write_timeout_s)
+            self.closing = True
+            # A polite close would queue behind the unread audio; drop the connection instead, which
+            # also wakes the reader.
+            if self.transport is not None:
+                self.transport.abort()
+            raise ClientGone() from e
+        except (ConnectionError, RuntimeError) as e:  # ConnectionError covers a send blocked in drain
+            raise ClientGone() from e
+
+    # ---- client messages ----------------------------------------------------------------------
+    async def on_text(self, raw: str) -> None:
+        try:
+            msg = P.parse_message(raw, self.settings.max_text_chars, self.settings.max_upload_bytes)
+            if isinstance(msg, P.Start):
+                await self.on_start(msg)
+            elif self.start is None:
+                raise P.ProtocolError(P.INVALID_MESSAGE, f"send a start message before {type(msg).__name__.lower()}",
+                                      getattr(msg, "id", None))
+            elif isinstance(msg, P.Speak):
+                self.enqueue(msg.id if msg.id is not None else f"utt-{next(self._seq)}", msg.text)
+            elif isinstance(msg, P.Append):
+                await self.on_append(msg.text)
+            elif isinstance(msg, P.Flush):
+                rest = self.text.flush()
+                if rest:
+                    await self.enqueue_segment(rest)
+            elif isinstance(msg, P.Cancel):
+                await self.on_cancel()
+            elif isinstance(msg, P.Stop):
+                await self.cancel_all()
+                await self.send_json({"type": "stopped"})
+                self.closing = True
+                await self.ws.close(code=WSCloseCode.OK, message=b"stopped")
+        except P.ProtocolError as e:
+            await self.send_error(e)
+
+    async def on_start(self, msg: P.Start) -> None:
+        if self.start is not None:
+            raise P.ProtocolError(P.INVALID_MESSAGE, "this session has already started; open a new one to change "
+                                                     "its voice or settings")
+        engine = self.state.require_engine()
+        self.state.check_language(msg.language)
+        self.voice, name = await self.state.voice_prompt(msg.voice)
+        self.start = msg
+        self.worker = asyncio.create_task(self.run())
+        await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, name, msg.language))
+
+    def enqueue(self, id: str | int, text: str) -> None:
+        if len(self.queue) >= self.settings.max_queued_utterances:
+            raise P.ProtocolError(P.OVERLOADED, f"{len(self.queue)} utterances are already queued in this session", id)
+        self.queue.append(Utterance(id, text))
+        self.state.metrics.input_chars.inc(len(text))
+        self.wakeup.set()
+
+    async def enqueue_segment(self, text: str) -> None:
+        id = f"seg-{next(self._seq)}"
+        self.enqueue(id, text)
+        # Tell the client which text this id speaks: it may show captions or track what is pending.
+        await self.send_json({"type": "segment", "id": id, "text": text})
+
+    async def on_append(self, text: str) -> None:
+        if len(self.text) + len(text) > self.settings.max_append_chars:
+            raise P.ProtocolError(P.TEXT_TOO_LONG, f"more than {self.settings.max_append_chars} characters appended "
+                                                   "without a sentence end; send flush")
+        for sentence in self.text.push(text):
+            await self.enqueue_segment(sentence)
+
+    async def on_cancel(self) -> None:
+        current = self.current.id if self.current else None
+        dropped = await self.cancel_all()
+        await self.send_json({"type": "cancelled", "id": current, "dropped": dropped})
+
+    async def cancel_all(self) -> list:
+        """Stop the utterance being spoken, drop the queue and unflushed text; restart the worker."""
+        dropped = [u.id for u in self.queue]
+        self.queue.clear()
+        self.text.clear()
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.worker
+            if self.current is not None:
+                self.state.metrics.requests.labels("cancelled").inc()
+            self.current = None
+            self.worker = asyncio.create_task(self.run()) if not self.closing else None
+        return dropped
+
+    # ---- synthesis ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            while True:
+                while not self.queue:
+                    self.wakeup.clear()
+                    await self.wakeup.wait()
+                self.current = self.queue.popleft()
+                await self.speak(self.current)
+                self.current = None
+        except ClientGone:
+            self.closing = True
+            if self.current is not None:
+                self.state.metrics.requests.labels("client_gone").inc()
+
+    async def speak(self, u: Utterance) -> None:
+        state, start, voice = self.state, self.start, self.voice
+        engine = state.engine
+        assert start is not None and voice is not None and engine is not None  # start checked all three
+        track = Tracker(state.metrics, engine.sample_rate)
+        request = state.request(u.text, voice, start, f"{self.id}-{next(self._seq)}")
+        finished: Finished | None = None
+        async with contextlib.aclosing(stream_audio(engine, request)) as stream:
+            async for item in stream:
+                if isinstance(item, AudioChunk):
+                    await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
+                    track.sent(item)
+                else:
+                    finished = item
+        assert finished is not None
+        if failed(finished):
+            log.warning("session %s utterance %r failed: %s %s", self.id, u.id, finished.error_code, finished.error)
+            e = track.error(finished)
+            e.id = u.id
+            await self.send_error(e)
+        else:
+            await self.send_json(track.done(finished, u.id))
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.worker
+            if self.current is not None:
+                self.state.metrics.requests.labels("client_gone").inc()
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = get_state(request)
+    if state.draining:  # before the upgrade, so a proxy can retry another replica (503)
+        return error_response(P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down"), state,
+                              headers={"Retry-After": "1"})
+    s = state.settings
+    ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
+                               protocols=(SUBPROTOCOL,))
+    await ws.prepare(request)
+    session = Session(state, ws, request.transport)
+    try:
+        state.acquire_slot()
+    except P.ProtocolError as e:
+        # After the upgrade, so browsers (which cannot read a refused handshake) see the reason.
+        with contextlib.suppress(ClientGone):
+            await session.send_error(e)
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"overloaded")
+        return ws
+    state.sessions.add(ws)
+    try:
+        await read_loop(session)
+    finally:
+        await session.close()
+        state.release_slot()
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def read_loop(session: Session) -> None:
+    ws, s = session.ws, session.settings
+    while not session.closing:
+        try:
+            msg = await ws.receive(timeout=s.idle_timeout_s)
+        except asyncio.TimeoutError:
+            if session.busy:
+                continue
+            with contextlib.suppress(ClientGone):
+                await session.send_error(P.ProtocolError(P.IDLE_TIMEOUT, f"no message for {s.idle_timeout_s:g} s"))
+            await ws.close(code=WSCloseCode.OK, message=b"idle timeout")
+            return
+        if msg.type == WSMsgType.TEXT:
+            try:
+                await session.on_text(msg.data)
+            except ClientGone:
+                return
+        elif msg.type == WSMsgType.BINARY:
+            with contextlib.suppress(ClientGone):
+                await session.send_error(P.ProtocolError(P.UNSUPPORTED, "binary frames from the client are not "
+                                                                        "accepted; send JSON text frames"))
+        else:  # CLOSE, CLOSING, CLOSED, ERROR: the client is gone or going
+            return
+
+
+def error_response(e: P.ProtocolError, state: AppState, headers: dict | None = None) -> web.Response:
+    state.metrics.errors.labels(e.code).inc()
+    return web.json_response(P.error(e.code, e.message, e.id), status=P.HTTP_STATUS.get(e.code, 400), headers=headers)

@@ -1,0 +1,127 @@
+"""What every route shares: the engine (once loaded), settings, voices, metrics, drain state,
+and the two steps every synthesis route takes: resolve a voice, build an engine Request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from engine.api import EngineStats, Request, TTSEngine
+from engine.sampling import SamplingParams
+from engine.voice import VoicePrompt
+from server import protocol as P
+from server.metrics import Metrics
+from server.settings import ServerSettings
+from server.voices import VoiceRegistry
+
+log = logging.getLogger("makima.server")
+
+# OpenAI's built-in voice names: clients such as OpenWebUI send one of these; they map to the
+# default voice when one is configured.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer",
+                           "verse", "marin", "cedar"})
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    voices: VoiceRegistry
+    engine: TTSEngine | None = None
+    load_error: str | None = None
+    load_progress: str = "starting"
+    draining: bool = False
+    metrics: Metrics = field(init=False)
+    sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # open WebSocketResponses
+    active: int = 0  # sessions + HTTP speech requests holding a slot (max_sessions)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.engine_stats)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def engine_stats(self) -> EngineStats | None:
+        if self.engine is None:
+            return None
+        try:
+            return self.engine.stats()
+        except Exception:  # a scrape must never fail because the engine is in trouble
+            log.exception("engine.stats() failed")
+            return None
+
+    def require_engine(self) -> TTSEngine:
+        if self.engine is None:
+            why = self.load_error or f"the model is still loading ({self.load_progress})"
+            raise P.ProtocolError(P.TTS_UNAVAILABLE, why)
+        if self.draining:
+            raise P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down; reconnect to another replica")
+        return self.engine
+
+    def acquire_slot(self) -> None:
+        if self.active >= self.settings.max_sessions:
+            raise P.ProtocolError(P.OVERLOADED, f"the server is at its limit of {self.settings.max_sessions} "
+                                                "sessions; retry shortly")
+        self.active += 1
+        self.metrics.sessions.set(self.active)
+
+    def release_slot(self) -> None:
+        self.active -= 1
+        self.metrics.sessions.set(self.active)
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        # The engine's checkpoint defaults when it exposes them; the dataclass defaults equal the
+        # published generation_config.json otherwise.
+        return getattr(self.engine, "default_sampling", None) or SamplingParams()
+
+    def check_language(self, language: str) -> str:
+        langs = self.engine.languages if self.engine is not None else ["auto"]
+        if language not in langs:
+            raise P.ProtocolError(P.UNSUPPORTED, f"language {language[:32]!r} is not offered; use one of "
+                                                 f"{', '.join(langs)}")
+        return language
+
+    async def voice_prompt(self, spec: P.VoiceSpec | None) -> tuple[VoicePrompt, str | None]:
+        """A voice spec (or None: the default voice) → (voice prompt, voice name or None if inline)."""
+        engine = self.require_engine()
+        if spec is None:
+            if not self.settings.default_voice:
+                raise P.ProtocolError(P.VOICE_NOT_FOUND, "no voice given and the server has no default voice")
+            spec = P.VoiceSpec(name=self.settings.default_voice)
+        if spec.name is not None:
+            name = spec.name
+            if self.voices.info(name) is None and name in OPENAI_VOICES and self.settings.default_voice:
+                name = self.settings.default_voice
+            return await self.voices.prompt(name), name
+        assert spec.ref_audio is not None
+        prompt = await self.voices.inline_prompt(engine, spec.ref_audio, spec.ref_text, spec.x_vector_only,
+                                                 self.settings.max_ref_seconds)
+        return prompt, None
+
+    def request(self, text: str, voice: VoicePrompt, start: P.Start, request_id: str) -> Request:
+        return Request(text=text, voice=voice, language=start.language,
+                       sampling=start.sampling.params(self.sampling_defaults), priority=start.priority,
+                       max_frames=start.max_frames, non_streaming_text=start.non_streaming_text,
+                       request_id=request_id)
+
+
+STATE: web.AppKey[AppState] = web.AppKey("makima_state", AppState)
+
+
+def get_state(request: web.Request) -> AppState:
+    return request.app[STATE]
+
+
+async def wait_idle(state: AppState, timeout: float) -> bool:
+    """Wait until no session holds a slot, or timeout; True if idle."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.active > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return state.active == 0
+

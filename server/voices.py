@@ -1,0 +1,210 @@
+"""The voice registry: voices on disk (one folder per voice with a manifest.json), their voice
+prompts computed once at upload, and an in-memory LRU cache with TTL of prepared prompts.
+
+Voice ids are checked against ``protocol.VOICE_ID`` and only ever used as dictionary keys; the
+folder of a voice comes from the registry's own listing, never from joining user input.
+Inline voices (reference audio sent with a session's start) share the cache, keyed by a hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.api import EngineError, TTSEngine
+from engine.audio import SAMPLE_RATE, AudioError, load_audio_24k
+from engine.voice import VoicePrompt
+from server import protocol as P
+
+log = logging.getLogger("makima.server.voices")
+
+MANIFEST, PROMPT_FILE = "manifest.json", "prompt.safetensors"
+_EXT = re.compile(r"^[a-z0-9]{1,5}$")
+
+
+@dataclass
+class VoiceInfo:
+    voice_id: str
+    speaker: str  # display name as given at upload
+    language: str
+    ref_audio_file: str | None  # file name inside the voice folder
+    transcript: str | None
+    x_vector_only: bool
+    duration_s: float
+    created_at: float
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("ref_audio_file")
+        return d
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-_")[:64]
+
+
+class PromptCache:
+    """LRU with a TTL: hot voices stay in memory, cold ones are reloaded from disk when used."""
+
+    def __init__(self, size: int, ttl_s: float) -> None:
+        self.size, self.ttl_s = size, ttl_s
+        self._items: OrderedDict[str, tuple[VoicePrompt, float]] = OrderedDict()
+
+    def get(self, key: str) -> VoicePrompt | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[1] < time.monotonic():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, prompt: VoicePrompt) -> None:
+        self._items[key] = (prompt, time.monotonic() + self.ttl_s)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+async def make_prompt(engine: TTSEngine, audio: bytes, ref_text: str | None, x_vector_only: bool,
+                      max_seconds: float) -> tuple[VoicePrompt, float]:
+    """Decode reference audio (off the event loop) and ask the engine for its voice prompt."""
+    loop = asyncio.get_running_loop()
+    try:
+        wave: np.ndarray = await loop.run_in_executor(None, load_audio_24k, audio, max_seconds)
+    except AudioError as e:
+        raise P.ProtocolError(P.AUDIO_ERROR_CODES.get(e.code, P.INVALID_AUDIO), str(e)) from e
+    try:
+        prompt = await engine.make_voice(wave, ref_text, x_vector_only)
+    except EngineError as e:
+        raise P.ProtocolError(P.ENGINE_ERROR_CODES.get(e.code, P.SYNTHESIS_ERROR), str(e)) from e
+    except ValueError as e:  # the engine's own input checks (e.g. ICL without a transcript)
+        raise P.ProtocolError(P.INVALID_MESSAGE, str(e)) from e
+    return prompt, len(wave) / SAMPLE_RATE
+
+
+class VoiceRegistry:
+    def __init__(self, root: Path | None, cache_size: int = 64, ttl_s: float = 3600.0) -> None:
+        self.root = root
+        self.cache = PromptCache(cache_size, ttl_s)
+        self._infos: dict[str, VoiceInfo] = {}
+        self._dirs: dict[str, Path] = {}
+        self._memory: dict[str, VoicePrompt] = {}  # registered voices when there is no root
+        self._lock = asyncio.Lock()
+
+    def load(self) -> int:
+        """Read every manifest under root; a broken voice folder is logged and skipped."""
+        if self.root is None:
+            return 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in sorted(self.root.iterdir()):
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            try:
+                info = VoiceInfo(**json.loads((d / MANIFEST).read_text()))
+                if not P.VOICE_ID.match(info.voice_id) or not (d / PROMPT_FILE).is_file():
+                    raise ValueError("bad voice id or missing prompt file")
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("skipping voice folder %s: %s", d.name, e)
+                continue
+            self._infos[info.voice_id], self._dirs[info.voice_id] = info, d
+        log.info("loaded %d voice(s) from %s", len(self._infos), self.root)
+        return len(self._infos)
+
+    def list(self) -> list[VoiceInfo]:
+        return sorted(self._infos.values(), key=lambda v: v.voice_id)
+
+    def info(self, voice_id: str) -> VoiceInfo | None:
+        return self._infos.get(voice_id)
+
+    async def prompt(self, voice_id: str) -> VoicePrompt:
+        if voice_id not in self._infos:
+            raise P.ProtocolError(P.VOICE_NOT_FOUND, f"no voice named {voice_id!r}")
+        if voice_id in self._memory:
+            return self._memory[voice_id]
+        prompt = self.cache.get(voice_id)
+        if prompt is None:
+            path = self._dirs[voice_id] / PROMPT_FILE
+            prompt = await asyncio.get_running_loop().run_in_executor(None, VoicePrompt.load, path)
+            self.cache.put(voice_id, prompt)
+        return prompt
+
+    async def inline_prompt(self, engine: TTSEngine, audio: bytes, ref_text: str | None, x_vector_only: bool,
+                            max_seconds: float) -> VoicePrompt:
+        key = "inline:" + hashlib.sha256(audio + b"\0" + (ref_text or "").encode() + bytes([x_vector_only])).hexdigest()
+        prompt = self.cache.get(key)
+        if prompt is None:
+            prompt, _ = await make_prompt(engine, audio, ref_text, x_vector_only, max_seconds)
+            self.cache.put(key, prompt)
+        return prompt
+
+    async def create(self, engine: TTSEngine, voice_id: str, speaker: str, audio: bytes, filename: str | None,
+                     transcript: str | None, x_vector_only: bool, language: str, max_seconds: float) -> VoiceInfo:
+        if not P.VOICE_ID.match(voice_id):
+            raise P.ProtocolError(P.INVALID_VOICE_ID, "voice ids are 1-64 of [a-z0-9_-], not starting with - or _")
+        if voice_id in self._infos:
+            raise P.ProtocolError(P.VOICE_EXISTS, f"voice {voice_id!r} exists; delete it first")
+        prompt, seconds = await make_prompt(engine, audio, transcript, x_vector_only, max_seconds)
+        ext = Path(filename or "").suffix.lower().lstrip(".")
+        info = VoiceInfo(voice_id=voice_id, speaker=speaker, language=language,
+                         ref_audio_file=f"reference.{ext if _EXT.match(ext) else 'bin'}",
+                         transcript=None if x_vector_only else transcript, x_vector_only=x_vector_only,
+                         duration_s=round(seconds, 3), created_at=time.time())
+        async with self._lock:
+            if voice_id in self._infos:  # another upload of the same id won the race
+                raise P.ProtocolError(P.VOICE_EXISTS, f"voice {voice_id!r} exists; delete it first")
+            if self.root is None:
+                self._memory[voice_id] = prompt
+            else:
+                folder = await asyncio.get_running_loop().run_in_executor(None, self._write, info, audio, prompt)
+                self._dirs[voice_id] = folder
+                self.cache.put(voice_id, prompt)
+            self._infos[voice_id] = info
+        return info
+
+    def _write(self, info: VoiceInfo, audio: bytes, prompt: VoicePrompt) -> Path:
+        # Build the folder under a hidden name, then rename: a crash never leaves half a voice.
+        assert self.root is not None
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / (info.ref_audio_file or "reference.bin")).write_bytes(audio)
+            prompt.save(tmp / PROMPT_FILE)
+            (tmp / MANIFEST).write_text(json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
+            final = self.root / info.voice_id
+            tmp.rename(final)
+            return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    async def delete(self, voice_id: str) -> None:
+        async with self._lock:
+            if voice_id not in self._infos:
+                raise P.ProtocolError(P.VOICE_NOT_FOUND, f"no voice named {voice_id!r}")
+            del self._infos[voice_id]
+            self._memory.pop(voice_id, None)
+            self.cache.drop(voice_id)
+            folder = self._dirs.pop(voice_id, None)
+            if folder is not None:
+                trash = folder.with_name(f".trash-{uuid.uuid4().hex}")
+                folder.rename(trash)  # gone from the listing at once, even if removal is slow
+                await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
