@@ -83,6 +83,13 @@ def test_talker_geometry(dtype, num_splits, device, poison_empty):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_talker_long_context(dtype, device, poison_empty):
+    # Context 2048 (the bench's longest) with the automatic split count (9 splits here) and 64-key tiles.
+    check(16, 8, 128, dtype, device, [2048, 1000, 1], 0, 0, block_n=64, seed=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_codec_decoder_geometry(dtype, device, poison_empty):
     # Codec decoder transformer: MHA 16/16, head_dim 64, sliding window 72.
     check(16, 16, 64, dtype, device, [1, 71, 72, 73, 200, 0], 72, 3, block_n=32)

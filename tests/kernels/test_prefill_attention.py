@@ -88,6 +88,12 @@ def test_talker_geometry(dtype, device, poison_empty):
 
 
 @pytest.mark.slow
+def test_talker_long_prompt(device, poison_empty):
+    # A 512-token voice prompt in one chunk at the production tile sizes.
+    check(16, 8, 128, torch.float16, device, [(512, 512)], 0, block_m=64, block_n=32, seed=3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_codec_decoder_geometry(dtype, device, poison_empty):
     # Codec decoder 16/16 x 64 with its 72-frame window: the window start cuts through the prompt.
