@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ from server.voices import VoiceRegistry
 
 log = logging.getLogger("makima.server")
 STATIC = Path(__file__).parent / "static"
+LOADER: web.AppKey[asyncio.Task] = web.AppKey("makima_loader", asyncio.Task)
 GUARDED = ("/api/", "/v1/")  # everything that synthesizes or changes state; pages, probes and metrics are open
 OPEN = frozenset({"/api/v1/info"})  # the page reads it to learn whether it must ask for a token
 TOKEN_PREFIX = "bearer."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
@@ -152,6 +154,39 @@ def exit_after_drain_on_sigterm(app: web.Application) -> None:
         loop.call_soon(_raise_exit)
 
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(_drain_then_exit()))
+
+
+def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine]) -> None:
+    """Start serving at once and load the model in a thread: /health answers, /ready says
+    "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns."""
+
+    async def start(app: web.Application) -> None:
+        loop, state = asyncio.get_running_loop(), app[STATE]
+
+        def progress(message: str) -> None:
+            log.info("%s", message)
+            loop.call_soon_threadsafe(setattr, state, "load_progress", message)
+
+        async def run() -> None:
+            try:
+                engine = await loop.run_in_executor(None, load, progress)
+            except Exception as e:  # reported by /ready and to every client as TTS_UNAVAILABLE
+                log.exception("loading the model failed")
+                load_failed(app, f"{type(e).__name__}: {e}")
+                return
+            attach_engine(app, engine)
+            log.info("ready")
+
+        app[LOADER] = asyncio.create_task(run())
+
+    async def cleanup(app: web.Application) -> None:
+        app[LOADER].cancel()
+        shutdown = getattr(app[STATE].engine, "shutdown", None)
+        if shutdown is not None:
+            await asyncio.get_running_loop().run_in_executor(None, shutdown)
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(cleanup)
 
 
 async def _on_startup(app: web.Application) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +71,53 @@ def _synthesize_requests(args: argparse.Namespace) -> int:
     return 0 if not report["errors"] else 1
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MAKIMA_{name}", default)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve /api/v1/speak (WebSocket), /v1/audio/speech, voices and the /speak page",
+                       description="Every option has an environment twin: MAKIMA_ plus the option name in capitals "
+                                   "with _ for - (e.g. MAKIMA_PORT, MAKIMA_AUTH_TOKEN_FILE).")
+    p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                   help="checkpoint directory, hub id, or random:tiny (random weights: noise) (default: %(default)s)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="(default: %(default)s)")
+    p.add_argument("--voices-dir", type=Path, default=Path(_env("VOICES_DIR", str(_default_voices_dir()))),
+                   help="where voices are stored, one folder each (default: %(default)s)")
+    p.add_argument("--default-voice", default=_env("DEFAULT_VOICE"),
+                   help="voice for sessions and requests that name none (and for OpenAI's built-in names)")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")),
+                   help="WebSocket sessions plus HTTP speech requests at once; more get OVERLOADED "
+                        "(default: %(default)s)")
+    p.add_argument("--auth-token-file", type=Path, default=_env("AUTH_TOKEN_FILE"),
+                   help="file with accepted tokens, one a line ('#' comments); without it there is no auth")
+    p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS", ""),
+                   help="comma-separated browser origins allowed besides the page's own, or *")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+
+
+def _default_voices_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "makima-tts" / "voices"
+
+
+def _read_tokens(path: Path | None) -> frozenset[str]:
+    if path is None:
+        return frozenset()
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    tokens = frozenset(ln for ln in lines if ln and not ln.startswith("#"))
+    if not tokens:
+        raise ValueError(f"--auth-token-file {path}: no tokens in it")
+    # Browsers send the token as a WebSocket subprotocol, which allows only HTTP token characters.
+    bad = [t for t in tokens if not re.fullmatch(r"[A-Za-z0-9._~+-]+", t)]
+    if bad:
+        raise ValueError(f"--auth-token-file {path}: tokens may use only A-Z a-z 0-9 . _ ~ + -")
+    return tokens
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     import torch
 
@@ -106,13 +155,48 @@ def _make_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from server.app import create_app, exit_after_drain_on_sigterm, load_in_background
+    from server.loader import is_random, load_engine
+    from server.settings import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    origins = frozenset(o.strip().rstrip("/").lower() for o in args.allowed_origins.split(",") if o.strip())
+    settings = ServerSettings(model_name=args.model, noise_model=is_random(args.model), voices_dir=args.voices_dir,
+                              default_voice=args.default_voice, max_sessions=args.max_sessions,
+                              auth_tokens=_read_tokens(args.auth_token_file), allowed_origins=origins)
+    if settings.noise_model:
+        logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)
+    app = create_app(None, settings)
+    load_in_background(app, lambda progress: load_engine(args.model, device, progress))
+
+    async def on_startup(app: web.Application) -> None:
+        exit_after_drain_on_sigterm(app)
+
+    app.on_startup.append(on_startup)
+    web.run_app(app, host=args.host, port=args.port, shutdown_timeout=10, access_log=None,
+                print=lambda msg: logging.getLogger("makima").info("%s", msg.strip()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="makima-tts", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthesize(sub)
     _add_make_random_checkpoint(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
-    handlers = {"synthesize": _synthesize, "make-random-checkpoint": _make_random_checkpoint}
+    handlers = {"synthesize": _synthesize, "make-random-checkpoint": _make_random_checkpoint,
+                "serve": _serve}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:  # our errors all derive from these

@@ -56,8 +56,6 @@ class Metrics:
                              registry=r, buckets=E2E_BUCKETS)
         self.sessions = Gauge(PREFIX + "num_sessions", "Open WebSocket sessions and HTTP speech requests.",
                               registry=r)
-        self.sessions_waiting = Gauge(PREFIX + "num_sessions_waiting",
-                                      "Sessions with utterances queued behind the one playing.", registry=r)
         self.requests = Counter(PREFIX + "requests", "Finished utterances by outcome.", ["outcome"], registry=r)
         self.errors = Counter(PREFIX + "errors", "Errors sent to clients, by code.", ["code"], registry=r)
         self.audio_seconds = Counter(PREFIX + "audio_seconds", "Audio sent to clients, seconds.", registry=r)

@@ -58,6 +58,9 @@ async def create(request: web.Request) -> web.Response:
         elif request.content_type.startswith("multipart/"):
             fields, audio, filename = await _read_multipart(request, s.max_upload_bytes)
             transcript = fields.get("transcript", fields.get("ref_text"))
+        elif request.content_type == "application/x-www-form-urlencoded":  # a form without its file
+            fields, audio, filename = {k: str(v) for k, v in (await request.post()).items()}, None, None
+            transcript = fields.get("transcript")
         else:
             raise P.ProtocolError(P.INVALID_MESSAGE, "send multipart/form-data (audio, transcript, name, "
                                                      "x_vector_only) or JSON")
