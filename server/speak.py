@@ -53,7 +53,8 @@ class Session:
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.text = SentenceBuffer()
-        self._seq = itertools.count(1)
+        self._ids = itertools.count(1)  # names for utterances the client did not name
+        self._rids = itertools.count(1)  # engine request ids, unique per session
         self.closing = False
 
     @property
@@ -96,7 +97,7 @@ class Session:
                 raise P.ProtocolError(P.INVALID_MESSAGE, f"send a start message before {type(msg).__name__.lower()}",
                                       getattr(msg, "id", None))
             elif isinstance(msg, P.Speak):
-                self.enqueue(msg.id if msg.id is not None else f"utt-{next(self._seq)}", msg.text)
+                self.enqueue(msg.id if msg.id is not None else f"utt-{next(self._ids)}", msg.text)
             elif isinstance(msg, P.Append):
                 await self.on_append(msg.text)
             elif isinstance(msg, P.Flush):
@@ -132,7 +133,7 @@ class Session:
         self.wakeup.set()
 
     async def enqueue_segment(self, text: str) -> None:
-        id = f"seg-{next(self._seq)}"
+        id = f"seg-{next(self._ids)}"
         self.enqueue(id, text)
         # Tell the client which text this id speaks: it may show captions or track what is pending.
         await self.send_json({"type": "segment", "id": id, "text": text})
@@ -184,7 +185,7 @@ class Session:
         engine = state.engine
         assert start is not None and voice is not None and engine is not None  # start checked all three
         track = Tracker(state.metrics, engine.sample_rate)
-        request = state.request(u.text, voice, start, f"{self.id}-{next(self._seq)}")
+        request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}")
         finished: Finished | None = None
         async with contextlib.aclosing(stream_audio(engine, request)) as stream:
             async for item in stream:
