@@ -14,9 +14,7 @@ import torch
 
 from engine.config import TransformerConfig
 from engine.models.qwen3 import Attention
-from kernels.decode_attention import paged_decode_attention
-from kernels.prefill_attention import paged_prefill_attention
-from kernels.rope import qk_norm_rope_store_kv
+from kernels import paged_decode_attention, paged_prefill_attention, qk_norm_rope_store_kv
 
 
 class PagedKVCache:

@@ -7,6 +7,12 @@ Slow tests (full-size checkpoints, long interpreter runs) are skipped by default
 import os
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter. This must be set before any module
+# imports triton-jitted code (engine/ imports kernels/ at module level).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

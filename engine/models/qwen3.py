@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TransformerConfig
-from kernels.activation import silu_and_mul
-from kernels.norm import fused_add_rms_norm, rms_norm
-from kernels.rope import qk_norm_rope_store_kv, rope_cos_sin_cache
+from kernels import fused_add_rms_norm, qk_norm_rope_store_kv, rms_norm, rope_cos_sin_cache, silu_and_mul
 
 
 class RMSNorm(nn.Module):
