@@ -23,7 +23,7 @@ from server import protocol as P
 from server.metrics import CONTENT_TYPE
 from server.settings import ServerSettings
 from server.speak import SUBPROTOCOL, error_response
-from server.state import STATE, AppState, get_state, wait_idle
+from server.state import STATE, AppState, get_state, in_flight, wait_idle
 from server.voices import VoiceRegistry
 
 log = logging.getLogger("makima.server")
@@ -31,6 +31,17 @@ STATIC = Path(__file__).parent / "static"
 LOADER: web.AppKey[asyncio.Task] = web.AppKey("makima_loader", asyncio.Task)
 GUARDED = ("/api/", "/v1/")  # everything that synthesizes or changes state; pages, probes and metrics are open
 OPEN = frozenset({"/api/v1/info"})  # the page reads it to learn whether it must ask for a token
+
+
+def _guarded(request: web.Request) -> bool:
+    # Decide by the route that matched, not the raw path, so no spelling of a URL reaches a
+    # guarded handler unguarded; unmatched paths are guarded too (they only ever get a 404/405).
+    info = request.match_info
+    resource = info.route.resource if info.route is not None else None
+    canonical = resource.canonical if resource is not None else None
+    if canonical is None:
+        return True
+    return canonical.startswith(GUARDED) and canonical not in OPEN
 TOKEN_PREFIX = "bearer."  # browsers cannot set headers on a WebSocket: the token rides in a subprotocol
 PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
@@ -70,7 +81,7 @@ def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
-    if request.path.startswith(GUARDED) and request.path not in OPEN:
+    if _guarded(request):
         state = get_state(request)
         s = state.settings
         if not _origin_allowed(request, s.allowed_origins):
@@ -138,7 +149,8 @@ async def drain(app: web.Application) -> bool:
     state = app[STATE]
     state.draining = True
     state.metrics.ready.set(0)
-    log.info("draining: waiting up to %.0f s for %d session(s)", state.settings.drain_timeout_s, state.active)
+    log.info("draining: waiting up to %.0f s for %d utterance(s) and request(s) in flight",
+             state.settings.drain_timeout_s, in_flight(state))
     return await wait_idle(state, state.settings.drain_timeout_s)
 
 
@@ -153,7 +165,12 @@ def exit_after_drain_on_sigterm(app: web.Application) -> None:
         await drain(app)
         loop.call_soon(_raise_exit)
 
-    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(_drain_then_exit()))
+    def on_sigterm() -> None:
+        if app[STATE].draining:  # a second SIGTERM: stop waiting
+            _raise_exit()
+        asyncio.ensure_future(_drain_then_exit())
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
 
 
 def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine]) -> None:
@@ -199,8 +216,8 @@ async def _on_startup(app: web.Application) -> None:
 
 async def _on_shutdown(app: web.Application) -> None:
     # Sockets still open after the drain: tell clients to reconnect elsewhere.
-    for ws in list(app[STATE].sessions):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    for session in list(app[STATE].sessions):
+        await session.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
 
 def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Application:

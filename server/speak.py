@@ -173,7 +173,15 @@ class Session:
                     self.wakeup.clear()
                     await self.wakeup.wait()
                 self.current = self.queue.popleft()
-                await self.speak(self.current)
+                try:
+                    await self.speak(self.current)
+                except (ClientGone, asyncio.CancelledError):
+                    raise
+                except Exception as e:  # an engine that raises instead of reporting: fail this utterance only
+                    log.exception("session %s utterance %r: engine raised", self.id, self.current.id)
+                    self.state.metrics.requests.labels("error").inc()
+                    await self.send_error(P.ProtocolError(P.SYNTHESIS_ERROR, f"{type(e).__name__}: {e}",
+                                                          self.current.id))
                 self.current = None
         except ClientGone:
             self.closing = True
@@ -231,10 +239,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             await session.send_error(e)
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"overloaded")
         return ws
-    state.sessions.add(ws)
+    state.sessions.add(session)
     try:
         await read_loop(session)
     finally:
+        state.sessions.discard(session)
         await session.close()
         state.release_slot()
         if not ws.closed:

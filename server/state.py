@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -35,7 +34,7 @@ class AppState:
     load_progress: str = "starting"
     draining: bool = False
     metrics: Metrics = field(init=False)
-    sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # open WebSocketResponses
+    sessions: set = field(default_factory=set)  # open speak.Session objects
     active: int = 0  # sessions + HTTP speech requests holding a slot (max_sessions)
 
     def __post_init__(self) -> None:
@@ -117,11 +116,18 @@ def get_state(request: web.Request) -> AppState:
     return request.app[STATE]
 
 
+def in_flight(state: AppState) -> int:
+    """Utterances being spoken or queued, plus HTTP speech requests (slots not held by a socket)."""
+    busy = sum(1 for s in state.sessions if s.busy)
+    return busy + state.active - len(state.sessions)
+
+
 async def wait_idle(state: AppState, timeout: float) -> bool:
-    """Wait until no session holds a slot, or timeout; True if idle."""
+    """Wait until nothing is being synthesized, or timeout; True if idle. Idle open sockets do not
+    count: shutdown closes them with 1001 and their clients reconnect elsewhere."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while state.active > 0 and loop.time() < deadline:
+    while in_flight(state) > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    return state.active == 0
+    return in_flight(state) == 0
 

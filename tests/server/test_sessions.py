@@ -166,3 +166,17 @@ async def test_health_ready_info():
         r = await client.get("/ready")
         assert r.status == 503 and "checkpoint not found" in (await r.json())["reason"]
         assert (await client.get("/health")).status == 200
+
+
+async def test_drain_does_not_wait_for_idle_sockets_and_shutdown_closes_them_1001():
+    async with serve(voices=VOICES, drain_timeout_s=10) as client:
+        ws = await client.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "anna"})
+        await recv_json(ws)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await drain(client.app)
+        assert loop.time() - t0 < 1.0
+        await client.app.shutdown()
+        msg = await ws.receive(timeout=5)
+        assert msg.type == WSMsgType.CLOSE and msg.data == 1001

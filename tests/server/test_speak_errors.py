@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -241,3 +242,38 @@ async def test_error_messages_are_json_with_the_documented_shape():
         ws = await client.ws_connect("/api/v1/speak")
         err = await error_for(ws, "nope")
         assert set(err) == {"type", "code", "message"} and json.dumps(err)
+
+
+async def test_no_spelling_of_a_guarded_url_skips_the_token():
+    async with serve(voices=VOICES, auth_tokens=frozenset({"t"})) as client:
+        for path in ("/api/v1/voices", "/api/v1/%76oices", "/api/v1/voices/", "/api/v1/./voices", "/v1/audio/speech",
+                     "/api/v1/voices/anna", "/api/v1/nothing-here"):
+            r = await client.get(path)
+            assert r.status in (401, 404, 405), (path, r.status)
+            if r.status != 401:
+                assert "voices" not in await r.text()
+        for raw in ("//api/v1/voices", "/api//v1/voices", "/static/../api/v1/voices"):  # not what yarl sends
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(f"GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            status = (await reader.read()).split(b"\r\n", 1)[0]
+            writer.close()
+            assert status.split()[1] in (b"401", b"404", b"403", b"400"), (raw, status)
+        assert (await client.get("/static/speak.js")).status == 200
+        assert (await client.get("/speak")).status == 200
+
+
+async def test_an_engine_that_raises_fails_one_utterance():
+    class Raising(FakeEngine):
+        def submit(self, request):
+            if "boom" in request.text:
+                raise RuntimeError("kaboom")
+            return super().submit(request)
+
+    async with serve(Raising(), voices=VOICES) as client:
+        ws = await client.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "anna"})
+        await recv_json(ws)
+        await ws.send_json({"type": "speak", "id": "b", "text": "boom goes the engine"})
+        err = await recv_json(ws)
+        assert err["code"] == "SYNTHESIS_ERROR" and err["id"] == "b" and "kaboom" in err["message"]
+        await still_works(ws)
