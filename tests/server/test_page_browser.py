@@ -34,7 +34,8 @@ TEXT = "The page streams this sentence and plays it as it arrives."
 
 @pytest.mark.timeout(60)
 async def test_speak_page_speaks_shows_stats_and_records_a_voice():
-    async with serve(FakeEngine(chunk_delay=0.01), voices={"anna": wav_bytes(1.0)}, default_voice="anna") as client:
+    async with serve(FakeEngine(chunk_delay=0.01), voices={"anna": wav_bytes(1.0)}, default_voice="anna",
+                     noise_model=True, model_name="random:tiny") as client:
         url = f"http://127.0.0.1:{client.port}/speak"
         with tempfile.TemporaryDirectory() as profile:
             async with async_playwright() as pw:
@@ -48,6 +49,8 @@ async def test_speak_page_speaks_shows_stats_and_records_a_voice():
                     await page.goto(url)
                     await page.wait_for_function("window.makimaPageReady === true", timeout=10000)
                     assert await page.input_value("#voice") == "anna"
+                    assert await page.is_visible("#noise")  # random weights: the page says it is noise
+                    assert await page.text_content("#model") == "random:tiny"
                     await page.fill("#text", TEXT)
                     await page.click("#speak")
                     await page.wait_for_function("window.makimaStats.completes >= 1", timeout=10000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 
 import numpy as np
 from aiohttp import WSMsgType
@@ -180,3 +181,47 @@ async def test_drain_does_not_wait_for_idle_sockets_and_shutdown_closes_them_100
         await client.app.shutdown()
         msg = await ws.receive(timeout=5)
         assert msg.type == WSMsgType.CLOSE and msg.data == 1001
+
+
+async def test_background_load_reports_progress_then_ready_or_the_failure():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from server.app import create_app, load_in_background
+    from server.settings import ServerSettings
+
+    gate = threading.Event()
+
+    def load(progress):
+        progress("reading weights")
+        gate.wait(5)
+        return FakeEngine()
+
+    def broken(progress):
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    for loader, outcome in ((load, "ready"), (broken, "failed")):
+        app = create_app(None, ServerSettings())
+        load_in_background(app, loader)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            if outcome == "ready":
+                for _ in range(100):
+                    r = await client.get("/ready")
+                    if "reading weights" in (await r.json())["reason"]:
+                        break
+                    await asyncio.sleep(0.01)
+                assert r.status == 503 and (await r.json())["reason"] == "loading: reading weights"
+                gate.set()
+            for _ in range(200):
+                r = await client.get("/ready")
+                if r.status == 200 or "failed" in (await r.json())["reason"]:
+                    break
+                await asyncio.sleep(0.01)
+            if outcome == "ready":
+                assert r.status == 200
+            else:
+                assert r.status == 503 and "no checkpoint at /nowhere" in (await r.json())["reason"]
+                ws = await client.ws_connect("/api/v1/speak")
+                await ws.send_json({"type": "start", "voice": "anna"})
+                err = await recv_json(ws)
+                assert err["code"] == "TTS_UNAVAILABLE" and "no checkpoint" in err["message"]
+                await ws.close()
