@@ -77,7 +77,7 @@ class Session:
         try:
             await asyncio.wait_for(coro, self.settings.write_timeout_s)
         except asyncio.TimeoutError as e:
-            log.info("session %s: client stopped reading for %.0f s; closing", self.id, self.settings.write_timeout_s)
+            log.info("session %s: client stopped reading for %g s; closing", self.id, self.settings.write_timeout_s)
             self.closing = True
             # A polite close would queue behind the unread audio; drop the connection instead, which
             # also wakes the reader.
@@ -187,6 +187,7 @@ class Session:
             self.closing = True
             if self.current is not None:
                 self.state.metrics.requests.labels("client_gone").inc()
+                self.current = None  # counted once: close() must not count it again
 
     async def speak(self, u: Utterance) -> None:
         state, start, voice = self.state, self.start, self.voice

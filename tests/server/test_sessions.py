@@ -108,6 +108,8 @@ async def test_a_client_that_stops_reading_loses_its_session_and_never_blocks_ot
                 break
             await asyncio.sleep(0.01)
         assert engine.stats().running == 0 and engine.stats().kv_blocks_used == 0
+        text = await (await client.get("/metrics")).text()
+        assert metric(text, 'makima_tts:requests_total{outcome="client_gone"}') == 1  # dropped, not finished
 
 
 async def test_drain_turns_ready_off_refuses_new_sockets_and_lets_streams_finish():
