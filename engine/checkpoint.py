@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
@@ -70,7 +70,7 @@ def load_strict(module: nn.Module, path: str | Path, device: torch.device | str,
                     continue
                 t = f.get_tensor(key)
                 state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    except (OSError, ValueError, RuntimeError) as e:  # unreadable or not safetensors
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # unreadable or not safetensors
         raise CheckpointError(f"cannot read {path}: {e}") from e
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in mismatched})
     if missing or unexpected or mismatched:
