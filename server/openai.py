@@ -9,6 +9,7 @@ as OpenAI-compatible clients often send their own extras.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -103,7 +104,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         track = Tracker(state.metrics, engine.sample_rate)
         async with contextlib.aclosing(stream_audio(engine, req)) as stream:
             if fmt in FILE_FORMATS:
-                return await _whole_file(stream, fmt, track, engine.sample_rate, state)
+                try:
+                    return await _whole_file(stream, fmt, track, engine.sample_rate, state)
+                except Exception as e:  # an engine that raises instead of reporting
+                    log.exception("speech request failed")
+                    track.abandoned("error")
+                    return error_response(P.ProtocolError(P.SYNTHESIS_ERROR, f"{type(e).__name__}: {e}"), state)
             return await _streamed(request, stream, fmt, stream_format, track, engine.sample_rate, state, len(text))
     finally:
         state.release_slot()
@@ -128,6 +134,17 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
     # Status and headers go out with the first audio, so an error before it is still a clean 4xx/5xx.
     resp: web.StreamResponse | None = None
     sse = stream_format == "sse"
+    timeout = state.settings.write_timeout_s
+
+    async def write(data: bytes) -> None:
+        assert resp is not None
+        try:
+            await asyncio.wait_for(resp.write(data), timeout)
+        except asyncio.TimeoutError as e:  # aiohttp has no write timeout: a client that stops reading
+            if request.transport is not None:  # would hold its slot and engine request forever
+                request.transport.abort()
+            raise ConnectionError("client stopped reading") from e
+
     try:
         async for item in stream:
             if isinstance(item, Finished):
@@ -136,7 +153,7 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
                     if resp is None:
                         return error_response(e, state)
                     if sse:
-                        await resp.write(_event(P.error(e.code, e.message)))
+                        await write(_event(P.error(e.code, e.message)))
                     log.warning("speech request failed mid-stream: %s", e.message)
                     return resp  # a raw audio body can only end early; the client sees a short body
                 done = track.done(item)
@@ -146,19 +163,22 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
                     # No text tokens here: input counts characters, output counts frames (80 ms each).
                     usage = {"input_tokens": n_chars, "output_tokens": done["frames"]}
                     usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
-                    await resp.write(_event({"type": "speech.audio.done", "usage": usage}))
+                    await write(_event({"type": "speech.audio.done", "usage": usage}))
                 await resp.write_eof()
                 return resp
             if resp is None:
                 resp = await _prepare(request, fmt, sse, sample_rate)
             pcm = encode_pcm(item.samples, "pcm_s16le")
-            if sse:
-                await resp.write(_event({"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()}))
-            else:
-                await resp.write(pcm)
+            await write(_event({"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()}) if sse
+                        else pcm)
             track.sent(item)
-    except (ConnectionError, RuntimeError):  # the client went away; stream_audio's exit cancels the request
+    except ConnectionError:  # the client went away; stream_audio's exit cancels the request
         track.abandoned("client_gone")
+    except Exception as e:  # an engine that raises instead of reporting
+        log.exception("speech request failed")
+        track.abandoned("error")
+        if resp is None:
+            return error_response(P.ProtocolError(P.SYNTHESIS_ERROR, f"{type(e).__name__}: {e}"), state)
     return resp if resp is not None else web.Response(status=499)
 
 

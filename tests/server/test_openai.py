@@ -146,3 +146,15 @@ async def test_http_client_gone_cancels_the_request():
                 break
             await asyncio.sleep(0.01)
         assert engine.stats().running == 0 and engine.stats().kv_blocks_used == 0
+
+
+async def test_an_engine_that_raises_is_a_synthesis_error():
+    class Raising(FakeEngine):
+        def submit(self, request):
+            raise RuntimeError("kaboom")
+
+    async with serve(Raising(), voices=VOICES) as client:
+        for fmt in ("pcm", "mp3"):
+            r = await client.post("/v1/audio/speech", json={"input": TEXT, "voice": "anna", "response_format": fmt})
+            assert r.status == 500 and (await r.json())["code"] == "SYNTHESIS_ERROR"
+        assert client.app[STATE].active == 0
