@@ -107,9 +107,9 @@ class Session:
             elif isinstance(msg, P.Cancel):
                 await self.on_cancel()
             elif isinstance(msg, P.Stop):
+                self.closing = True  # first, so cancel_all does not start a new worker
                 await self.cancel_all()
                 await self.send_json({"type": "stopped"})
-                self.closing = True
                 await self.ws.close(code=WSCloseCode.OK, message=b"stopped")
         except P.ProtocolError as e:
             await self.send_error(e)
