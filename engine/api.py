@@ -90,6 +90,7 @@ class TTSEngine(Protocol):
 
     sample_rate: int
     languages: list[str]
+    default_sampling: SamplingParams  # what a request without sampling gets
 
     def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]: ...
 
@@ -98,3 +99,5 @@ class TTSEngine(Protocol):
     async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt: ...
 
     def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...

@@ -72,6 +72,7 @@ class Engine:
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
                                  model.cfg.speech_tokenizer.samples_per_frame)
         self.sample_rate = model.sample_rate
+        self.default_sampling = model.sampling()  # generation_config.json of the checkpoint
         self.languages = ["auto", *sorted(k for k in model.cfg.talker.language_ids if "dialect" not in k)]
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
