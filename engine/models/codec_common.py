@@ -5,13 +5,33 @@ the same modules: a causal conv needs the last ``left_pad`` input samples as his
 (``forward_padded`` takes input that already carries them), a causal transposed conv drops
 ``trim_right`` output samples that the next input frame completes, and attention exposes its
 projected (rotated) keys and values so a window of them can be cached.
+
+The streaming hook is an optional ``stream`` argument (a :class:`StreamState`, implemented in
+``engine/codec_stream.py``): given one, a module prepends each row's cached history to its
+input instead of zero padding, so a sequence fed in pieces gives the same output as in one go.
+Without it every module behaves exactly as before.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class StreamState(Protocol):
+    """Per-row history that a streaming caller keeps between calls of the same modules."""
+
+    def extend(self, key: object, x: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
+        """``cat(history, x)`` along ``dim``, where history is the last ``keep`` steps that ``key``
+        saw for each row before (zeros for a new row), and remember the new last ``keep``."""
+        ...
+
+    def positions(self, length: int) -> torch.Tensor:
+        """[B, length] absolute frame positions of the new frames of each row."""
+        ...
 
 
 class CausalConv1d(nn.Module):
@@ -37,7 +57,13 @@ class CausalConv1d(nn.Module):
         """Zeros (or edge copies) that complete the last stride of a ``length``-sample input."""
         return -length % self.stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        if stream is not None:
+            # The cached history takes the place of the zero left pad (stride-1 convs only:
+            # the decoder's; a strided conv would also need its partial stride kept).
+            if self.stride != 1:
+                raise ValueError("streaming needs a stride-1 conv")
+            return self.forward_padded(stream.extend(self, x, self.left_pad, -1))
         pad = (self.left_pad, self.right_pad(x.shape[-1]))
         if self.pad_mode == "constant":
             x = F.pad(x, pad)
@@ -65,7 +91,14 @@ class CausalConvTranspose1d(nn.Module):
         self.stride = stride
         self.trim_right = kernel_size - stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        if stream is not None and self.trim_right:
+            # Recompute from the last input frames whose kernels reach into the new output, and
+            # keep only the samples the new frames own: n frames in, n·stride samples out.
+            history = -(-self.trim_right // self.stride)
+            y = self.conv(stream.extend(self, x, history, -1))
+            start = history * self.stride
+            return y[..., start: start + x.shape[-1] * self.stride]
         y = self.conv(x)
         return y[..., : y.shape[-1] - self.trim_right] if self.trim_right else y
 
@@ -113,6 +146,15 @@ def causal_mask(length: int, window: int | None, device: torch.device) -> torch.
     return (j <= i) & (j > i - window)
 
 
+def streaming_window_mask(positions: torch.Tensor, history: int, window: int) -> torch.Tensor:
+    """Boolean [B, 1, T, history + T] mask for queries at ``positions`` [B, T] (consecutive per
+    row) over ``history`` cached keys followed by the T new ones: True where the key exists
+    (position ≥ 0: a young row has fewer cached keys than slots) and q − window < k ≤ q."""
+    keys = positions[:, :1] - history + torch.arange(history + positions.shape[1], device=positions.device)
+    q, k = positions[:, :, None], keys[:, None, :]
+    return ((k >= 0) & (k <= q) & (k > q - window))[:, None]
+
+
 class CodecAttention(nn.Module):
     """Multi-head self-attention with RoPE and no biases (both codec transformers)."""
 
@@ -143,8 +185,16 @@ class CodecAttention(nn.Module):
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Causal self-attention over the whole sequence; ``mask`` adds the window if any."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                stream: StreamState | None = None, history: int = 0) -> torch.Tensor:
+        """Causal self-attention over the whole sequence; ``mask`` adds the window if any.
+
+        With ``stream``, the rotated keys/values of each row's last ``history`` frames come
+        first and ``mask`` (from :func:`streaming_window_mask`) says which of them a query sees.
+        """
         q, k, v = self.project_qkv(x, cos, sin)
+        if stream is not None:
+            k = stream.extend((self, "k"), k, history, 2)
+            v = stream.extend((self, "v"), v, history, 2)
+            return self.attend(q, k, v, mask, is_causal=False)
         return self.attend(q, k, v, mask, is_causal=x.shape[1] > 1)

@@ -17,6 +17,8 @@ streaming decoder built on these modules needs, per session: the last ``left_pad
 every ``CausalConv1d`` (pre_conv, each ConvNeXt dwconv, every vocoder conv), the last input
 frame of every ``CausalConvTranspose1d`` with ``trim_right`` > 0, and the rotated keys/values
 of the last ``sliding_window − 1`` frames of each attention layer plus the absolute position.
+Every stage takes an optional ``stream`` (codec_common.StreamState) that supplies exactly that
+history; ``engine/codec_stream.py`` is the streaming decoder built on it.
 
 The official ``decode`` never runs the network over a long sequence in one go: it decodes
 chunks of 300 frames, each with up to 25 frames of left context whose output is dropped
@@ -38,8 +40,10 @@ from engine.models.codec_common import (
     CausalConvTranspose1d,
     CodecAttention,
     LayerScale,
+    StreamState,
     causal_mask,
     rope_cos_sin,
+    streaming_window_mask,
 )
 
 CHUNK_SIZE = 300  # frames per chunk in the official decode (24 s)
@@ -148,9 +152,9 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(d)
         self.mlp_layer_scale = LayerScale(d)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                stream: StreamState | None = None, history: int = 0) -> torch.Tensor:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, mask, stream, history))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -165,13 +169,23 @@ class DecoderTransformer(nn.Module):
         self.input_proj = nn.Linear(cfg.latent_dim, cfg.hidden_size)
         self.output_proj = nn.Linear(cfg.hidden_size, cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        cos, sin = rope_cos_sin(torch.arange(t, device=x.device), self.head_dim, self.rope_theta)
-        mask = causal_mask(t, self.window, x.device)
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        history = 0
+        if stream is None:
+            cos, sin = rope_cos_sin(torch.arange(t, device=x.device), self.head_dim, self.rope_theta)
+            mask = causal_mask(t, self.window, x.device)
+        else:
+            # Each row is at its own absolute position; keys older than the window are never
+            # seen again, so window − 1 cached frames are all a row needs.
+            positions = stream.positions(t)
+            cos, sin = rope_cos_sin(positions.reshape(-1), self.head_dim, self.rope_theta)
+            cos, sin = cos.view(b, 1, t, -1), sin.view(b, 1, t, -1)
+            history = self.window - 1
+            mask = streaming_window_mask(positions, history, self.window)
         x = self.input_proj(x)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, stream, history)
         return self.output_proj(self.norm(x))
 
 
@@ -189,8 +203,8 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.dwconv(x).transpose(1, 2))
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        h = self.norm(self.dwconv(x, stream).transpose(1, 2))
         h = self.gamma * self.pwconv2(F.gelu(self.pwconv1(h)))
         return x + h.transpose(1, 2)
 
@@ -203,7 +217,8 @@ class SnakeBeta(nn.Module):
         self.alpha = nn.Parameter(torch.empty(channels))
         self.beta = nn.Parameter(torch.empty(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        """Pointwise in time: ``stream`` is accepted (as by every decoder stage) and unused."""
         alpha = torch.exp(self.alpha)[None, :, None]
         inv_beta = 1.0 / (torch.exp(self.beta)[None, :, None] + 1e-9)
         return x + inv_beta * torch.sin(x * alpha).pow(2)
@@ -217,8 +232,8 @@ class ResidualUnit(nn.Module):
         self.act2 = SnakeBeta(dim)
         self.conv2 = CausalConv1d(dim, dim, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        return x + self.conv2(self.act2(self.conv1(self.act1(x), stream)), stream)
 
 
 class VocoderBlock(nn.Module):
@@ -232,9 +247,9 @@ class VocoderBlock(nn.Module):
             *(ResidualUnit(out_dim, d) for d in (1, 3, 9)),
         ])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
         for layer in self.block:
-            x = layer(x)
+            x = layer(x, stream)
         return x
 
 
@@ -266,20 +281,28 @@ class CodecDecoder(nn.Module):
         ])
         self.decoder = _vocoder(cfg)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
         """One pass over the whole sequence: codes [B, K, T] (ids ≥ 0) → audio [B, 1, 1920·T].
 
         Positions start at 0: use :meth:`chunked_decode` for the official long-input behaviour.
+        With ``stream``, the codes continue each row's earlier calls (see the module docstring).
         """
+        return self.vocode(self.latent(codes, stream), stream)
+
+    def latent(self, codes: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        """The frame-rate half: codes [B, K, T] → dequantize, pre_conv, transformer → [B, latent, T]."""
         if codes.shape[1] != self.num_quantizers:
             raise ValueError(f"expected {self.num_quantizers} codebooks, got {codes.shape[1]}")
-        x = self.pre_conv(self.quantizer.decode(codes))
-        x = self.pre_transformer(x.transpose(1, 2)).transpose(1, 2)
+        x = self.pre_conv(self.quantizer.decode(codes), stream)
+        return self.pre_transformer(x.transpose(1, 2), stream).transpose(1, 2)
+
+    def vocode(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+        """The convolutional half: latent [B, latent, T] → upsample, vocoder, clamp → [B, 1, 1920·T]."""
         for stage in self.upsample:
             for layer in stage:
-                x = layer(x)
+                x = layer(x, stream)
         for layer in self.decoder:
-            x = layer(x)
+            x = layer(x, stream)
         return x.clamp(min=-1.0, max=1.0)
 
     def chunked_decode(self, codes: torch.Tensor, chunk_size: int = CHUNK_SIZE,
