@@ -24,6 +24,7 @@ from engine.model import TTSModel
 from engine.prompt import build_prompt
 
 OFFICIAL_RUNNER = Path(__file__).resolve().parent / "official" / "run_official.py"
+DEFAULT_ORACLE_PYTHON = "../.oracle-venv/bin/python"  # relative to the checkout, as the setup script puts it
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank."
 
 
@@ -59,22 +60,28 @@ def official(python: str, model_dir: str, text: str, frames: tuple[int, int]) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="checkpoint directory")
-    ap.add_argument("--oracle-python", default="../.oracle-venv/bin/python")
-    ap.add_argument("--text", default=DEFAULT_TEXT)
-    ap.add_argument("--frames", type=int, nargs=2, default=[2, 12])
-    args = ap.parse_args()
-    frames = tuple(args.frames)
-    mine = ours(args.model, args.text, frames)
+def compare(model: str, oracle_python: str | None, text: str = DEFAULT_TEXT, frames: tuple[int, int] = (2, 12)) -> dict:
+    """Both sides and the floor (``makima-tts bench compare-official`` calls this); no official side
+    when ``oracle_python`` is empty."""
+    mine = ours(model, text, frames)
     cfg = mine.pop("config")
     floor = floor_seconds_per_frame(cfg)
-    theirs = official(args.oracle_python, args.model, args.text, frames) if args.oracle_python else None
+    theirs = official(oracle_python, model, text, frames) if oracle_python else None
     report = {"ours": mine, "official": theirs, "floor": floor,
               "ours_vs_floor": mine["s_per_frame"] / floor["floor_s_per_frame"]}
     if theirs:
         report["official_vs_ours"] = theirs["s_per_frame"] / mine["s_per_frame"]
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--oracle-python", default=DEFAULT_ORACLE_PYTHON)
+    ap.add_argument("--text", default=DEFAULT_TEXT)
+    ap.add_argument("--frames", type=int, nargs=2, default=[2, 12])
+    args = ap.parse_args()
+    report = compare(args.model, args.oracle_python, args.text, tuple(args.frames))
     json.dump(report, sys.stdout, indent=2)
     print()
 

@@ -63,32 +63,44 @@ def run_concurrency(engine: Engine, voice, n: int, frames: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="makima-tts bench engine", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--sessions", default="1,2,4,8")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    engine = Engine.from_model(args.model, EngineConfig(device=args.device))
+def measure(model: str, sessions: list[int], frames: int, device: str = "cpu") -> dict:
+    """The whole bench: one row per concurrency in ``sessions`` (``makima-tts bench engine`` calls this)."""
+    engine = Engine.from_model(model, EngineConfig(device=device))
     try:
         ref = (0.1 * np.sin(np.arange(48000) * 2 * np.pi * 150 / 24000)).astype(np.float32)
         voice = asyncio.run(engine.make_voice(ref, None, True))
         run_concurrency(engine, voice, 1, 2)  # warm-up
-        rows = [run_concurrency(engine, voice, int(n), args.frames) for n in args.sessions.split(",")]
+        rows = [run_concurrency(engine, voice, n, frames) for n in sessions]
     finally:
         engine.shutdown()
-    report = {"model": str(args.model), "device": args.device, "threads": torch.get_num_threads(),
+    report = {"model": str(model), "device": device, "threads": torch.get_num_threads(),
+              "frames_per_request": frames,
               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "runs": rows}
-    if torch.cuda.is_available() and args.device == "cuda":
+    if torch.cuda.is_available() and device == "cuda":
         report["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = report["runs"]
     base = rows[0]["frames_per_s"]
     print(f"{'sessions':>8} {'frames/s':>9} {'x of 1':>7} {'step ms':>8} {'ttfa ms':>14} {'sched %':>8}")
     for r in rows:
         print(f"{r['sessions']:>8} {r['frames_per_s']:>9.2f} {r['frames_per_s'] / base:>7.2f} "
               f"{1000 * r['decode_step_s']:>8.1f} {1000 * r['ttfa_s']['min']:>6.0f}-{1000 * r['ttfa_s']['max']:<6.0f} "
               f"{100 * r['scheduler_overhead']:>8.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--sessions", default="1,2,4,8")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    report = measure(args.model, [int(n) for n in args.sessions.split(",")], args.frames, args.device)
+    print_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return report
