@@ -128,7 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
     levels: list[dict] = []
 
     def progress(level: Level) -> Progress:
-        bar[:] = [Progress(f"{label}={level.load:g}", level.duration_s)]
+        bar[:] = [Progress(f"[{loads.index(level.load) + 1}/{len(loads)}] {label}={level.load:g}", level.duration_s)]
         return bar[0]
 
     def done(level: Level) -> None:

@@ -243,6 +243,11 @@ def _xy(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     return [x for x, _ in points], [y for _, y in points]
 
 
+def _min_gap(loads: list[float]) -> float:
+    gaps = [b - a for a, b in zip(loads, loads[1:], strict=False) if b > a]
+    return min(gaps) if gaps else 1.0
+
+
 def _load_axis(ax, loads: list[float], label: str) -> None:
     if len(loads) > 1 and max(loads) / max(min(loads), 1e-9) >= 4:
         ax.set_xscale("log", base=2)
@@ -287,7 +292,20 @@ def plot_serve(report: dict, out_dir: Path, stem: str) -> list[str]:
     ax.set_ylabel("time to first audio (ms, log)")
     _load_axis(ax, loads, xlabel)
     ax.set_title(f"TTFA against load — {title}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5, frameon=False)
+    # Underruns fail utterances whose TTFA is fine: show them behind the curves so the capacity line
+    # can be read from this plot alone.
+    ax3 = ax.twinx()
+    runs = [(s["load"], 100 * s["underrun_share"]) for s in levels if s["underrun_share"] is not None]
+    if runs:
+        width = [0.25 * x if ax.get_xscale() == "log" else 0.25 * _min_gap(loads) for x, _ in runs]
+        ax3.bar(*_xy(runs), width=width, color="gray", alpha=0.25, label="utterances with an underrun (%)")
+    ax3.set_ylim(0, 105)
+    ax3.set_ylabel("% of utterances with an underrun", color="gray")
+    ax.set_zorder(ax3.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    h1, l1 = ax.get_legend_handles_labels()
+    h3, l3 = ax3.get_legend_handles_labels()
+    ax.legend(h1 + h3, l1 + l3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
     names.append(f"{stem}-ttfa.png")
     fig.savefig(out_dir / names[-1])
