@@ -73,6 +73,11 @@ class Finished:
     error_code: str | None = None
     codes: np.ndarray | None = None  # [frames, 16] int64, the generated codes
 
+    @property
+    def rtf(self) -> float | None:
+        """Real-time factor: wall time over audio time (below 1 is faster than real time)."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else None
+
 
 @dataclass
 class EngineStats:

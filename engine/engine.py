@@ -136,7 +136,8 @@ class Engine:
                            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
                            kv_blocks_cached=self.blocks.num_cached, frames_generated=self._frames_generated,
                            extra={**self._step_times, **self.runner.timings,
-                                  "preemptions": self.scheduler.preemptions})
+                                  "preemptions": self.scheduler.preemptions,
+                                  "prefix_rows_reused": self.scheduler.prefix_rows_reused})
 
     def shutdown(self) -> None:
         self._stop = True

@@ -41,6 +41,7 @@ class Scheduler:
         self.waiting: list[RequestState] = []
         self.running: list[RequestState] = []  # PREFILL or DECODE, holding blocks
         self.preemptions = 0
+        self.prefix_rows_reused = 0  # prompt rows whose K/V came from the prefix cache
 
     def add(self, state: RequestState) -> None:
         self.waiting.append(state)
@@ -101,6 +102,7 @@ class Scheduler:
                 break  # keep priority order: nothing jumps the queue
             self.waiting.pop(0)
             cached = self.blocks.allocate(state.request_id, state.num_rows, hashes)
+            self.prefix_rows_reused += cached
             state.num_computed = cached
             state.status = Status.PREFILL
             self.running.append(state)

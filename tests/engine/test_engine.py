@@ -157,3 +157,42 @@ def test_voice_prompt_roundtrip(tmp_path, voices):
     w = VoicePrompt.load(tmp_path / "v.safetensors")
     assert torch.equal(v.speaker_embedding, w.speaker_embedding) and torch.equal(v.ref_codes, w.ref_codes)
     assert v.ref_text_ids == w.ref_text_ids
+
+
+def test_same_voice_prefix_is_shared_and_changes_nothing(tiny_model, voices, engine):
+    voice = voices["icl_b"]  # a long ICL prompt: several full blocks before the target text
+    first = Request(text=TEXTS[0], voice=voice, language="english", max_frames=5, sampling=greedy(tiny_model),
+                    request_id="first")
+    run_all(engine, [first])
+    before = engine.stats().extra["prefix_rows_reused"]
+    second = Request(text=TEXTS[2], voice=voice, language="english", max_frames=7, sampling=greedy(tiny_model),
+                     request_id="second")
+    _, fin = run_all(engine, [second])[0]
+    assert engine.stats().extra["prefix_rows_reused"] - before >= 16
+    alone = tiny_model.synthesize(TEXTS[2], voice, "english", greedy(tiny_model), 7)
+    assert np.array_equal(fin.codes, alone.codes.numpy())
+    assert engine.blocks.num_used == 0 and engine.blocks.num_cached > 0
+
+
+def test_slow_consumer_pauses_only_itself(tiny_model, voices):
+    eng = Engine(tiny_model, EngineConfig(num_kv_blocks=128, chunk_frames=(1,), output_queue_chunks=3))
+    try:
+        async def main():
+            slow = Request(text=TEXTS[3], voice=voices["xvec_a"], max_frames=40, sampling=greedy(tiny_model),
+                           request_id="slow")
+            fast = Request(text=TEXTS[1], voice=voices["xvec_b"], max_frames=20, sampling=greedy(tiny_model),
+                           request_id="fast")
+            slow_iter = eng.submit(slow).__aiter__()
+            await slow_iter.__anext__()  # started; now stop reading
+            _, fast_fin = await collect(eng, fast)
+            frames_while_paused = len(eng._states["slow"].frames)
+            rest = [item async for item in slow_iter]
+            return fast_fin, frames_while_paused, rest[-1]
+        fast_fin, frames_while_paused, slow_fin = asyncio.run(main())
+        assert fast_fin.frames == 20 or fast_fin.stop_reason == StopReason.EOS
+        # One chunk read, three queued: the slow request stopped a frame or two later, not at 40.
+        assert frames_while_paused <= 1 + 3 + 2
+        assert slow_fin.stop_reason in (StopReason.EOS, StopReason.MAX_FRAMES) and slow_fin.frames > frames_while_paused
+        assert eng.blocks.num_used == 0
+    finally:
+        eng.shutdown()
