@@ -33,11 +33,12 @@ SYNTHESIS_ERROR = "SYNTHESIS_ERROR"  # the engine failed this utterance only
 INVALID_VOICE_ID = "INVALID_VOICE_ID"
 VOICE_EXISTS = "VOICE_EXISTS"
 IDLE_TIMEOUT = "IDLE_TIMEOUT"
+RATE_LIMITED = "RATE_LIMITED"  # this token's concurrent sessions or message rate is over its limit
 
 HTTP_STATUS = {
     INVALID_MESSAGE: 400, UNSUPPORTED: 400, VOICE_NOT_FOUND: 404, INVALID_AUDIO: 400, AUDIO_TOO_LARGE: 413,
     AUDIO_TOO_LONG: 400, TEXT_TOO_LONG: 400, OVERLOADED: 503, UNAUTHORIZED: 401, FORBIDDEN: 403,
-    TTS_UNAVAILABLE: 503, SYNTHESIS_ERROR: 500, INVALID_VOICE_ID: 400, VOICE_EXISTS: 409,
+    TTS_UNAVAILABLE: 503, SYNTHESIS_ERROR: 500, INVALID_VOICE_ID: 400, VOICE_EXISTS: 409, RATE_LIMITED: 429,
 }
 
 # engine.audio.AudioError codes → ours (the file-path ones cannot happen for uploads).
@@ -50,6 +51,12 @@ ENCODINGS = ("pcm_s16le", "pcm_f32le")
 PRIORITIES = {"low": Priority.LOW, "normal": Priority.NORMAL, "high": Priority.HIGH}
 VOICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # ids are looked up, never joined into paths
 MAX_ID_CHARS = 128
+# Sampling ranges. Values outside them make the engine's logits inf/NaN (temperature 1e-300 or 1e308,
+# repetition_penalty 1e-300 were measured to fail a whole engine step, or kill the engine thread),
+# so they are refused here; the ranges are far wider than any useful setting.
+TEMPERATURE_RANGE = (0.01, 100.0)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_TOP_K = 2**31 - 1
 
 
 class ProtocolError(Exception):
@@ -181,6 +188,8 @@ def parse_voice(value: Any, max_audio_bytes: int) -> VoiceSpec | None:
     if audio is None:
         raise ProtocolError(INVALID_MESSAGE, "voice.ref_audio (base64 audio) is required")
     ref_text = _get(value, "ref_text", str, "voice")
+    if ref_text is not None:
+        check_unicode(ref_text, "voice.ref_text")
     x_vector_only = _get(value, "x_vector_only", bool, "voice", False)
     if not x_vector_only and not (ref_text and ref_text.strip()):
         raise ProtocolError(INVALID_MESSAGE, "voice.ref_text (the transcript) is required unless x_vector_only")
@@ -199,14 +208,17 @@ def parse_sampling(value: Any) -> SamplingSpec:
     s = SamplingSpec(greedy=_get(value, "greedy", bool, "sampling", False), seed=_get(value, "seed", int, "sampling"),
                      temperature=_num(value, "temperature"), top_k=_get(value, "top_k", int, "sampling"),
                      top_p=_num(value, "top_p"), repetition_penalty=_num(value, "repetition_penalty"))
-    if s.temperature is not None and s.temperature <= 0:
-        raise ProtocolError(INVALID_MESSAGE, "sampling.temperature must be > 0")
-    if s.top_k is not None and s.top_k < 0:
-        raise ProtocolError(INVALID_MESSAGE, "sampling.top_k must be >= 0 (0 disables it)")
+    # Written as "not lo <= x <= hi" so that NaN, which compares false with everything, is refused.
+    lo, hi = TEMPERATURE_RANGE
+    if s.temperature is not None and not lo <= s.temperature <= hi:
+        raise ProtocolError(INVALID_MESSAGE, f"sampling.temperature must be in [{lo:g}, {hi:g}]")
+    if s.top_k is not None and not 0 <= s.top_k <= MAX_TOP_K:
+        raise ProtocolError(INVALID_MESSAGE, "sampling.top_k must be >= 0 (0 disables it) and fit in 32 bits")
     if s.top_p is not None and not 0 < s.top_p <= 1:
         raise ProtocolError(INVALID_MESSAGE, "sampling.top_p must be in (0, 1]")
-    if s.repetition_penalty is not None and s.repetition_penalty <= 0:
-        raise ProtocolError(INVALID_MESSAGE, "sampling.repetition_penalty must be > 0")
+    lo, hi = REPETITION_PENALTY_RANGE
+    if s.repetition_penalty is not None and not lo <= s.repetition_penalty <= hi:
+        raise ProtocolError(INVALID_MESSAGE, f"sampling.repetition_penalty must be in [{lo:g}, {hi:g}]")
     if s.seed is not None and not 0 <= s.seed < 2**63:
         raise ProtocolError(INVALID_MESSAGE, "sampling.seed must be in [0, 2^63)")
     return s
@@ -235,7 +247,18 @@ def _parse_start(msg: dict, max_audio_bytes: int) -> Start:
                  max_frames=max_frames, non_streaming_text=_get(msg, "non_streaming_text", bool, "start", False))
 
 
+def check_unicode(text: str, what: str, id: str | int | None = None) -> str:
+    """JSON's \\uD800 escapes decode to lone surrogates, which are not text: the tokenizer raises
+    TypeError on them (measured: it killed the engine thread). Refuse them at the door."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProtocolError(INVALID_MESSAGE, f"{what} is not valid Unicode (a lone surrogate at {e.start})", id) from e
+    return text
+
+
 def check_text(text: str, max_chars: int, id: str | int | None = None) -> str:
+    check_unicode(text, "text", id)
     if not text.strip():
         raise ProtocolError(INVALID_MESSAGE, "text is empty", id)
     if len(text) > max_chars:
@@ -243,11 +266,21 @@ def check_text(text: str, max_chars: int, id: str | int | None = None) -> str:
     return text
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(raw: str | bytes) -> Any:
+    """Strict JSON: Python's json also accepts NaN and Infinity, which would slip past every range check
+    (NaN compares false) into the engine. 1e400 still parses, as inf, and the range checks refuse it."""
+    return json.loads(raw, parse_constant=_no_constant)
+
+
 def parse_message(raw: str, max_text_chars: int, max_audio_bytes: int) -> ClientMessage:
     """One client text frame → a message, or ProtocolError."""
     try:
-        msg = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
+        msg = loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError, and so is NaN below
         raise ProtocolError(INVALID_MESSAGE, f"not valid JSON: {e}") from e
     if not isinstance(msg, dict):
         raise ProtocolError(INVALID_MESSAGE, "a message must be a JSON object with a \"type\"")
@@ -270,7 +303,7 @@ def parse_message(raw: str, max_text_chars: int, max_audio_bytes: int) -> Client
         text = msg.get("text")
         if not isinstance(text, str):
             raise ProtocolError(INVALID_MESSAGE, "append.text must be a string")
-        return Append(text=text)
+        return Append(text=check_unicode(text, "append.text"))
     simple = {"flush": Flush, "cancel": Cancel, "stop": Stop}
     if kind in simple:
         _check_keys(msg, {"type"}, kind)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import BodyPartReader, web
 
 from server import protocol as P
@@ -45,14 +43,14 @@ async def create(request: web.Request) -> web.Response:
         engine = state.require_engine()
         if request.content_type == "application/json":
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                body = await request.json(loads=P.loads)
+            except ValueError as e:  # bad JSON, bad UTF-8, NaN/Infinity
                 raise P.ProtocolError(P.INVALID_MESSAGE, f"the body is not valid JSON: {e}") from e
             if not isinstance(body, dict) or not isinstance(body.get("ref_audio"), str):
                 raise P.ProtocolError(P.INVALID_MESSAGE, "JSON voice uploads need ref_audio (base64)")
             audio = P.decode_base64_audio(body["ref_audio"], s.max_upload_bytes)
-            fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in body.items()
-                      if k != "ref_audio" and v is not None}
+            fields = {k: P.check_unicode(str(v).lower() if isinstance(v, bool) else str(v), k[:32])
+                      for k, v in body.items() if k != "ref_audio" and v is not None}
             filename = fields.get("filename")
             transcript = fields.get("ref_text", fields.get("transcript"))
         elif request.content_type.startswith("multipart/"):
