@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,10 +19,13 @@ from aiohttp import WSCloseCode, web
 from engine.api import TTSEngine
 from server import openai, speak, voice_api
 from server import protocol as P
+from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
+from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
+from server.limits import TOKEN_KEY
 from server.metrics import CONTENT_TYPE
 from server.settings import ServerSettings
 from server.speak import SUBPROTOCOL, error_response
-from server.state import STATE, AppState, get_state, in_flight, wait_idle
+from server.state import STATE, AppState, get_state
 from server.voices import VoiceRegistry
 
 log = logging.getLogger("makima.server")
@@ -86,16 +88,29 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
         s = state.settings
         if not _origin_allowed(request, s.allowed_origins):
             return error_response(P.ProtocolError(P.FORBIDDEN, "this Origin may not use the API"), state)
-        if s.auth_tokens and not _token_ok(_token(request), s.auth_tokens):
-            why = "missing token" if _token(request) is None else "wrong token"
-            return error_response(P.ProtocolError(P.UNAUTHORIZED, f"{why}: send Authorization: Bearer TOKEN, or on "
-                                                                  f"a WebSocket the subprotocols {SUBPROTOCOL}, "
-                                                                  f"{TOKEN_PREFIX}TOKEN"), state,
-                                  headers={"WWW-Authenticate": "Bearer"})
+        if s.auth_tokens:
+            token = _token(request)
+            if not _token_ok(token, s.auth_tokens):
+                why = "missing token" if token is None else "wrong token"
+                return error_response(P.ProtocolError(P.UNAUTHORIZED, f"{why}: send Authorization: Bearer TOKEN, or "
+                                                                      f"on a WebSocket the subprotocols {SUBPROTOCOL}, "
+                                                                      f"{TOKEN_PREFIX}TOKEN"), state,
+                                      headers={"WWW-Authenticate": "Bearer"})
+            request[TOKEN_KEY] = token  # the key of the per-token limits
+            # Each request (a socket's handshake included) is one message of the token's rate.
+            if not state.limits.bucket(token).take():
+                return error_response(P.ProtocolError(P.RATE_LIMITED, f"over {s.max_messages_per_s:g} messages a "
+                                                                      "second for this token"), state,
+                                      headers={"Retry-After": "1"})
     return await handler(request)
 
 
 async def health(request: web.Request) -> web.Response:
+    # Liveness: the event loop answers, and the engine is not stuck with work owed (server/watch.py).
+    state = get_state(request)
+    stalled = state.watch.stalled_for()
+    if stalled > state.settings.engine_stall_s:
+        return web.json_response({"status": "engine stalled", "stalled_s": round(stalled, 1)}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -144,35 +159,6 @@ def load_failed(app: web.Application, message: str) -> None:
     state.metrics.ready.set(0)
 
 
-async def drain(app: web.Application) -> bool:
-    """Stop taking new work (ready → 503, new sockets → 503) and wait for running streams."""
-    state = app[STATE]
-    state.draining = True
-    state.metrics.ready.set(0)
-    log.info("draining: waiting up to %.0f s for %d utterance(s) and request(s) in flight",
-             state.settings.drain_timeout_s, in_flight(state))
-    return await wait_idle(state, state.settings.drain_timeout_s)
-
-
-def exit_after_drain_on_sigterm(app: web.Application) -> None:
-    """Replace run_app's SIGTERM handler (installed before on_startup) with drain-then-exit."""
-    loop = asyncio.get_running_loop()
-
-    def _raise_exit() -> None:
-        raise web.GracefulExit()  # a SystemExit: it leaves run_forever, and run_app shuts down
-
-    async def _drain_then_exit() -> None:
-        await drain(app)
-        loop.call_soon(_raise_exit)
-
-    def on_sigterm() -> None:
-        if app[STATE].draining:  # a second SIGTERM: stop waiting
-            _raise_exit()
-        asyncio.ensure_future(_drain_then_exit())
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-
-
 def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine]) -> None:
     """Start serving at once and load the model in a thread: /health answers, /ready says
     "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns."""
@@ -215,9 +201,12 @@ async def _on_startup(app: web.Application) -> None:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    # Sockets still open after the drain: tell clients to reconnect elsewhere.
-    for session in list(app[STATE].sessions):
-        await session.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    # Sockets still open after the drain: tell clients to reconnect elsewhere. All at once: each close
+    # waits up to 10 s for the client's reply, and a stuck client must not hold up the others.
+    state = app[STATE]
+    await asyncio.gather(*(s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                           for s in list(state.sessions)), return_exceptions=True)
+    await asyncio.gather(*list(state.background), return_exceptions=True)  # the drain's own closes
 
 
 def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Application:

@@ -96,6 +96,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="file with accepted tokens, one a line ('#' comments); without it there is no auth")
     p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS", ""),
                    help="comma-separated browser origins allowed besides the page's own, or *")
+    p.add_argument("--max-sessions-per-token", type=int, default=int(_env("MAX_SESSIONS_PER_TOKEN", "0")),
+                   help="sessions plus HTTP speech requests one token may hold at once on this replica; 0: no "
+                        "limit (default: %(default)s)")
+    p.add_argument("--max-messages-per-second", type=float, default=float(_env("MAX_MESSAGES_PER_SECOND", "100")),
+                   help="client messages (WebSocket frames, API requests) per second per token, or per connection "
+                        "without auth, with bursts of twice that; 0: no limit (default: %(default)s)")
+    p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")),
+                   help="on SIGTERM, seconds running utterances get to finish before the process exits "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
 
 
@@ -158,9 +167,8 @@ def _make_random_checkpoint(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from aiohttp import web
-
-    from server.app import create_app, exit_after_drain_on_sigterm, load_in_background
+    from server.app import create_app, load_in_background
+    from server.lifecycle import run
     from server.loader import is_random, load_engine
     from server.settings import ServerSettings
 
@@ -173,18 +181,16 @@ def _serve(args: argparse.Namespace) -> int:
     origins = frozenset(o.strip().rstrip("/").lower() for o in args.allowed_origins.split(",") if o.strip())
     settings = ServerSettings(model_name=args.model, noise_model=is_random(args.model), voices_dir=args.voices_dir,
                               default_voice=args.default_voice, max_sessions=args.max_sessions,
-                              auth_tokens=_read_tokens(args.auth_token_file), allowed_origins=origins)
+                              auth_tokens=_read_tokens(args.auth_token_file), allowed_origins=origins,
+                              max_sessions_per_token=args.max_sessions_per_token,
+                              max_messages_per_s=args.max_messages_per_second,
+                              message_burst=max(1, int(2 * args.max_messages_per_second)),
+                              drain_timeout_s=args.drain_timeout)
     if settings.noise_model:
         logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)
     app = create_app(None, settings)
     load_in_background(app, lambda progress: load_engine(args.model, device, progress))
-
-    async def on_startup(app: web.Application) -> None:
-        exit_after_drain_on_sigterm(app)
-
-    app.on_startup.append(on_startup)
-    web.run_app(app, host=args.host, port=args.port, shutdown_timeout=10, access_log=None,
-                print=lambda msg: logging.getLogger("makima").info("%s", msg.strip()))
+    run(app, args.host, args.port)
     return 0
 
 

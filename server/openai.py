@@ -21,6 +21,7 @@ from aiohttp import web
 
 from engine.api import AudioChunk, Finished
 from server import protocol as P
+from server.limits import request_key
 from server.pcm import FILE_FORMATS, encode_file, encode_pcm, wav_header
 from server.speak import error_response
 from server.state import AppState, get_state
@@ -85,13 +86,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     try:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = await request.json(loads=P.loads)
+        except ValueError as e:  # bad JSON, bad UTF-8, NaN/Infinity
             raise P.ProtocolError(P.INVALID_MESSAGE, f"the body is not valid JSON: {e}") from e
         start, text, fmt, stream_format = parse(body, state)
         engine = state.require_engine()
         state.check_language(start.language)
-        state.acquire_slot()
+        state.acquire_slot(request_key(request))
     except P.ProtocolError as e:
         return error_response(e, state)
     try:
@@ -102,7 +103,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state.metrics.input_chars.inc(len(text))
         req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
         track = Tracker(state.metrics, engine.sample_rate)
-        async with contextlib.aclosing(stream_audio(engine, req)) as stream:
+        async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:
                 try:
                     return await _whole_file(stream, fmt, track, engine.sample_rate, state)
@@ -112,7 +113,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     return error_response(P.ProtocolError(P.SYNTHESIS_ERROR, f"{type(e).__name__}: {e}"), state)
             return await _streamed(request, stream, fmt, stream_format, track, engine.sample_rate, state, len(text))
     finally:
-        state.release_slot()
+        state.release_slot(request_key(request))
 
 
 async def _whole_file(stream, fmt: str, track: Tracker, sample_rate: int, state: AppState) -> web.Response:

@@ -30,3 +30,13 @@ class ServerSettings:
     voice_cache_size: int = 64  # prepared voice prompts kept in memory
     voice_cache_ttl_s: float = 3600.0
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may finish
+    # Per-token limits (per client connection when there is no auth). Each replica counts its own:
+    # behind N replicas a token may hold up to N x max_sessions_per_token.
+    max_sessions_per_token: int = 0  # sockets + HTTP speech requests one token holds at once; 0: no limit
+    # Client messages (WebSocket frames, HTTP API requests) per second, as a token bucket: an LLM
+    # streaming tokens through append sends tens a second, a flood thousands.
+    max_messages_per_s: float = 100.0  # 0: no limit
+    message_burst: int = 200  # messages allowed at once above the rate
+    # Health: engine work waited on with no output from the engine at all for this long means the
+    # engine is stuck (e.g. its thread died); /health turns 503 so an orchestrator restarts the process.
+    engine_stall_s: float = 60.0

@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
+from server.limits import TokenBucket, request_key
 from server.pcm import encode_pcm
 from server.sentences import SentenceBuffer
 from server.state import AppState, get_state
@@ -42,9 +43,12 @@ class ClientGone(Exception):
 
 
 class Session:
-    def __init__(self, state: AppState, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+    def __init__(self, state: AppState, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None,
+                 bucket: TokenBucket | None = None) -> None:
         self.state, self.ws, self.settings = state, ws, state.settings
         self.transport = transport
+        self.bucket = bucket or state.limits.new_bucket()  # message rate: the token's, or this socket's
+        self.refused = 0  # messages refused in a row for rate
         self.id = uuid.uuid4().hex[:16]
         self.start: P.Start | None = None
         self.voice: VoicePrompt | None = None
@@ -118,6 +122,12 @@ class Session:
         if self.start is not None:
             raise P.ProtocolError(P.INVALID_MESSAGE, "this session has already started; open a new one to change "
                                                      "its voice or settings")
+        if self.state.draining:  # opened just before the drain began: send the client elsewhere
+            self.closing = True
+            await self.send_error(P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down; reconnect "
+                                                                     "(another replica will answer)"))
+            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"draining")
+            return
         engine = self.state.require_engine()
         self.state.check_language(msg.language)
         self.voice, name = await self.state.voice_prompt(msg.voice)
@@ -196,7 +206,7 @@ class Session:
         track = Tracker(state.metrics, engine.sample_rate)
         request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}")
         finished: Finished | None = None
-        async with contextlib.aclosing(stream_audio(engine, request)) as stream:
+        async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:
                 if isinstance(item, AudioChunk):
                     await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
@@ -211,6 +221,20 @@ class Session:
             await self.send_error(e)
         else:
             await self.send_json(track.done(finished, u.id))
+
+    async def refuse(self) -> bool:
+        """A message over the rate limit: refuse it with RATE_LIMITED and say whether the session goes
+        on. A client that keeps sending after ``message_burst`` refusals in a row is closed (1008)."""
+        self.refused += 1
+        if self.refused > self.settings.message_burst:
+            log.info("session %s: %d messages refused in a row for rate; closing", self.id, self.refused)
+            self.closing = True
+            await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"message rate")
+            return False
+        with contextlib.suppress(ClientGone):
+            await self.send_error(P.ProtocolError(P.RATE_LIMITED, f"over {self.settings.max_messages_per_s:g} "
+                                                                  "messages a second; this one was dropped"))
+        return True
 
     async def close(self) -> None:
         self.closing = True
@@ -231,14 +255,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
                                protocols=(SUBPROTOCOL,))
     await ws.prepare(request)
-    session = Session(state, ws, request.transport)
+    key = request_key(request)
+    session = Session(state, ws, request.transport, state.limits.bucket(key))
     try:
-        state.acquire_slot()
+        state.acquire_slot(key)
     except P.ProtocolError as e:
         # After the upgrade, so browsers (which cannot read a refused handshake) see the reason.
         with contextlib.suppress(ClientGone):
             await session.send_error(e)
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"overloaded")
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=e.code.lower().encode())
         return ws
     state.sessions.add(session)
     try:
@@ -246,7 +271,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         state.sessions.discard(session)
         await session.close()
-        state.release_slot()
+        state.release_slot(key)
         if not ws.closed:
             await ws.close()
     return ws
@@ -264,6 +289,12 @@ async def read_loop(session: Session) -> None:
                 await session.send_error(P.ProtocolError(P.IDLE_TIMEOUT, f"no message for {s.idle_timeout_s:g} s"))
             await ws.close(code=WSCloseCode.OK, message=b"idle timeout")
             return
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            if not session.bucket.take():
+                if await session.refuse():
+                    continue
+                return
+            session.refused = 0
         if msg.type == WSMsgType.TEXT:
             try:
                 await session.on_text(msg.data)

@@ -13,9 +13,11 @@ from engine.api import EngineStats, Request, TTSEngine
 from engine.sampling import SamplingParams
 from engine.voice import VoicePrompt
 from server import protocol as P
+from server.limits import Limits
 from server.metrics import Metrics
 from server.settings import ServerSettings
 from server.voices import VoiceRegistry
+from server.watch import EngineWatch
 
 log = logging.getLogger("makima.server")
 
@@ -36,9 +38,13 @@ class AppState:
     metrics: Metrics = field(init=False)
     sessions: set = field(default_factory=set)  # open speak.Session objects
     active: int = 0  # sessions + HTTP speech requests holding a slot (max_sessions)
+    limits: Limits = field(init=False)
+    watch: EngineWatch = field(default_factory=EngineWatch)
+    background: set = field(default_factory=set)  # fire-and-forget tasks (drain's closes), kept from GC
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine_stats)
+        self.limits = Limits(self.settings)
 
     @property
     def ready(self) -> bool:
@@ -61,16 +67,26 @@ class AppState:
             raise P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down; reconnect to another replica")
         return self.engine
 
-    def acquire_slot(self) -> None:
+    def acquire_slot(self, key: str | None = None) -> None:
+        """Take a session slot, counted against the server and against ``key`` (the client's token)."""
         if self.active >= self.settings.max_sessions:
             raise P.ProtocolError(P.OVERLOADED, f"the server is at its limit of {self.settings.max_sessions} "
                                                 "sessions; retry shortly")
+        self.limits.open(key)
         self.active += 1
         self.metrics.sessions.set(self.active)
 
-    def release_slot(self) -> None:
+    def release_slot(self, key: str | None = None) -> None:
+        self.limits.close(key)
         self.active -= 1
         self.metrics.sessions.set(self.active)
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` without waiting for it, holding a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     @property
     def sampling_defaults(self) -> SamplingParams:
@@ -120,14 +136,3 @@ def in_flight(state: AppState) -> int:
     """Utterances being spoken or queued, plus HTTP speech requests (slots not held by a socket)."""
     busy = sum(1 for s in state.sessions if s.busy)
     return busy + state.active - len(state.sessions)
-
-
-async def wait_idle(state: AppState, timeout: float) -> bool:
-    """Wait until nothing is being synthesized, or timeout; True if idle. Idle open sockets do not
-    count: shutdown closes them with 1001 and their clients reconnect elsewhere."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while in_flight(state) > 0 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    return in_flight(state) == 0
-

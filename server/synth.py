@@ -10,16 +10,29 @@ from collections.abc import AsyncIterator
 from engine.api import AudioChunk, Finished, Request, StopReason, TTSEngine
 from server import protocol as P
 from server.metrics import Metrics
+from server.watch import EngineWatch
 
 
-async def stream_audio(engine: TTSEngine, request: Request) -> AsyncIterator[AudioChunk | Finished]:
+async def stream_audio(engine: TTSEngine, request: Request,
+                       watch: EngineWatch | None = None) -> AsyncIterator[AudioChunk | Finished]:
     """The engine's stream, except that leaving early in any way (cancellation, an exception in the
     consumer, aclose) cancels the request at once instead of whenever the generator is collected.
-    Use it under ``contextlib.aclosing``."""
+    ``watch`` sees how long each item takes to come. Use it under ``contextlib.aclosing``."""
     stream = engine.submit(request)
     finished = False
     try:
-        async for item in stream:
+        while not finished:
+            got = False
+            if watch is not None:
+                watch.wait_begins()
+            try:
+                item = await stream.__anext__()
+                got = True
+            except StopAsyncIteration:
+                return
+            finally:
+                if watch is not None:
+                    watch.wait_ends(got)
             finished = isinstance(item, Finished)
             yield item
     finally:
