@@ -39,6 +39,7 @@ chunk seams and this stream follows the one-pass decode, the exact causal answer
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,11 +148,16 @@ def vocode_history_frames(decoder: CodecDecoder) -> int:
 class StreamingDecoder:
     """``CodecDecoder`` over pooled per-request state: open a slot, prefill it, decode into it."""
 
+    # Reference states kept per distinct reference (a registered voice is reused by many requests):
+    # a cached prefill is a row copy instead of a decoder pass on the engine thread.
+    PREFILL_CACHE_SIZE = 32
+
     def __init__(self, decoder: CodecDecoder, device: torch.device) -> None:
         self.decoder = decoder
         self.device = device
         self.pool = SlotPool(device)
         self.vocode_history = vocode_history_frames(decoder)
+        self._prefilled: OrderedDict[bytes, dict[object, torch.Tensor]] = OrderedDict()
 
     def open(self) -> int:
         return self.pool.acquire()
@@ -161,7 +167,21 @@ class StreamingDecoder:
 
     @torch.inference_mode()
     def prefill(self, slot: int, codes: torch.Tensor) -> None:
-        """Run reference codes [T, K] through a fresh slot; their audio is not needed."""
+        """Bring a fresh slot to the state after reference codes [T, K] (their audio is not needed)."""
+        key = codes.to("cpu", torch.long).numpy().tobytes() + bytes(str(tuple(codes.shape)), "ascii")
+        state = self._prefilled.get(key)
+        if state is None:
+            self._run_prefill(slot, codes)
+            state = {k: t[slot].clone() for k, t in self.pool.tensors.items()}
+            self._prefilled[key] = state
+            if len(self._prefilled) > self.PREFILL_CACHE_SIZE:
+                self._prefilled.popitem(last=False)
+        else:
+            self._prefilled.move_to_end(key)
+            for k, row in state.items():
+                self.pool.tensor(k, tuple(row.shape), row.dtype)[slot] = row
+
+    def _run_prefill(self, slot: int, codes: torch.Tensor) -> None:
         rows = _Rows(self.pool, [slot], [0])
         latent = self.decoder.latent(codes.to(self.device, torch.long).T[None], rows)
         # The vocode half starts from zero state on the last frames only: its state after the

@@ -187,3 +187,20 @@ def test_close_frees_state_and_a_reused_slot_starts_clean(tok):
     for rid in ("a", "c"):
         cs.close(rid)
     assert cs.decoder.pool.num_used == 0 and not cs.streams
+
+
+def test_cached_reference_prefill_gives_the_same_audio(tiny_model):
+    torch.manual_seed(3)
+    ref = torch.randint(0, 64, (9, 16))
+    frames = torch.randint(0, 64, (6, 16)).tolist()
+    stream = CodecStream(tiny_model.speech_tokenizer, (6,), 1920)
+    outs = []
+    for rid in ("first", "second"):  # the second open is served from the prefill cache
+        stream.open(rid, ref)
+        for f in frames:
+            stream.push(rid, f)
+        (chunk,) = stream.collect(set())
+        outs.append(chunk.samples.copy())
+        stream.close(rid)
+    assert len(stream.decoder._prefilled) == 1
+    np.testing.assert_array_equal(outs[0], outs[1])
