@@ -81,8 +81,9 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def provenance() -> dict:
+    # The load average at the end says whether other work shared the machine during the run.
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "command": command_line(), "machine": machine()}
+            "command": command_line(), "machine": machine(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def machine_line(m: dict) -> str:
@@ -104,6 +105,10 @@ def md_table(headers: list[str], rows: list[list[object]]) -> str:
 def md_header(title: str, prov: dict, facts: list[tuple[str, str]]) -> str:
     rows = [("date", prov["date"]), ("machine", machine_line(prov["machine"])),
             ("commit", prov["commit"] or "unknown"), *facts, ("command", f"`{prov['command']}`")]
+    if prov.get("load_avg"):
+        l1, l5, l15 = prov["load_avg"]
+        rows.insert(2, ("load", f"{l1:.2f} / {l5:.2f} / {l15:.2f} (1/5/15-min load average at the end, "
+                                f"{prov['machine']['logical_cpus']} CPUs: above that, other work shared them)"))
     return "\n".join([f"### {title}", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 

@@ -265,6 +265,7 @@ class Level:
     elapsed_s: float = 0.0  # from the level's start to its last utterance's end
     lag_s: list[float] = field(default_factory=list)  # this client's event-loop lag, sampled every 10 ms
     setup_s: list[float] = field(default_factory=list)
+    clock0: float = 0.0  # perf_counter at the level's start: start_s + clock0 is the moment on this host's clock
 
 
 def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
@@ -354,7 +355,7 @@ async def run_level(target: Target, mode: str, load: float, texts: list[Text], d
             await pool.close()
     ends = [u.start_s + (u.end_s or (u.chunks[-1][0] if u.chunks else 0.0)) for u in level.utterances]
     level.elapsed_s = max(ends, default=0.0)
-    level.setup_s = pool.setup_s
+    level.setup_s, level.clock0 = pool.setup_s, runner.clock0
     level.utterances.sort(key=lambda u: u.start_s)
     return level
 

@@ -22,11 +22,11 @@ SAMPLES_PER_FRAME = 1920  # 80 ms at 24 kHz
 @dataclass
 class Script:
     first_ms: float = 150.0  # speak received → first chunk sent: the injected TTFA
-    # (ms after the first chunk, frames): 80 ms of audio, then 160 ms 30 ms later (on time by 50 ms),
-    # then 320 ms at 300 ms (the audio so far ran out at 240 ms: one underrun, 60 ms of stall), then
-    # 320 ms at 400 ms (due at 620 ms: on time).
-    chunks: tuple[tuple[float, int], ...] = ((0, 1), (30, 2), (300, 4), (400, 4))
-    complete_ms: float = 410.0  # after the first chunk
+    # (ms after the first chunk, frames): 80 ms of audio, then 160 ms 10 ms later (on time by 70 ms),
+    # then 320 ms at 340 ms (the audio so far ran out at 240 ms: one underrun, 100 ms of stall), then
+    # 320 ms at 440 ms (due at 660 ms: on time). Margins this wide survive a busy machine's scheduling.
+    chunks: tuple[tuple[float, int], ...] = ((0, 1), (10, 2), (340, 4), (440, 4))
+    complete_ms: float = 450.0  # after the first chunk
 
     @property
     def frames(self) -> int:
@@ -36,7 +36,7 @@ class Script:
 @dataclass
 class Sent:
     received: float  # perf_counter when speak arrived
-    chunks: list[float] = field(default_factory=list)  # perf_counter after each chunk was written
+    chunks: list[float] = field(default_factory=list)  # perf_counter just before each chunk was written
     completed: float | None = None
 
 
@@ -94,15 +94,16 @@ class ScriptedServer:
         base = loop.time() + self.script.first_ms / 1000  # absolute deadlines: no drift from sleep overshoot
         for offset_ms, frames in self.script.chunks:
             await asyncio.sleep(max(0.0, base + offset_ms / 1000 - loop.time()))
-            await ws.send_bytes(bytes(2 * SAMPLES_PER_FRAME * frames))
+            # Stamped just before the write: the client cannot read the frame any earlier than this.
             sent.chunks.append(time.perf_counter())
+            await ws.send_bytes(bytes(2 * SAMPLES_PER_FRAME * frames))
             if "HANG" in m["text"]:
                 return  # never completes: the client must time out
         await asyncio.sleep(max(0.0, base + self.script.complete_ms / 1000 - loop.time()))
+        sent.completed = time.perf_counter()
         await ws.send_json({"type": "complete", "id": m["id"], "frames": self.script.frames,
                             "audio_ms": 80.0 * self.script.frames, "ttfa_ms": self.script.first_ms,
                             "stop_reason": "eos"})
-        sent.completed = time.perf_counter()
         self.log.append(sent)
 
 

@@ -17,6 +17,7 @@ from bench.serve_load import (
     ServeConfig,
     SessionPool,
     Target,
+    playback,
     poisson_arrivals,
     run_level,
     run_serve,
@@ -24,12 +25,27 @@ from bench.serve_load import (
     start_message,
 )
 from bench.texts import Text
-from tests.bench.scripted_server import Script, ScriptedServer, scripted
+from tests.bench.scripted_server import Script, ScriptedServer, Sent, scripted
 
 LIMIT_S = 30.0
 MEASURE_TOL_MS = 5.0  # generator's reading vs the moment the server actually sent (same clock)
-SCHEDULE_TOL_MS = 15.0  # what the server actually did vs its script (its sleeps may overshoot on a busy box)
+# What the server actually did vs its script: its sleeps overshoot when other work holds the CPU
+# (60 ms seen with four test suites sharing two cores), so this is only a sanity check; the generator
+# is judged against the server's log, to MEASURE_TOL_MS.
+SCHEDULE_TOL_MS = 100.0
 TEXTS = [Text("t:1", "Hello there."), Text("t:2", "A second sentence.")]
+
+
+def truth(u, log: list[Sent], clock0: float) -> dict:
+    """What the scripted server really did for utterance ``u`` (matched by when its speak arrived):
+    its TTFA, and the underruns and stall a listener would have had if each chunk arrived the moment
+    it was sent. The generator's readings are compared with this, not with the script: on a busy
+    machine the server's own sleeps overshoot, and that is not the generator's error."""
+    sent_at = clock0 + u.start_s
+    s = min((e for e in log if e.received >= sent_at), key=lambda e: e.received - sent_at)
+    p = playback([(t - sent_at, seconds) for t, (_, seconds) in zip(s.chunks, u.chunks, strict=True)])
+    return {"ttfa_ms": 1000 * (s.chunks[0] - sent_at), "underruns": p.underruns, "late_chunks": p.late_chunks,
+            "stall_ms": 1000 * p.stall_s, "sent": s}
 
 
 def run(coro):
@@ -41,51 +57,67 @@ def target_for(server: ScriptedServer, timeout_s: float = 10.0) -> Target:
                   timeout_s=timeout_s)
 
 
-async def speak_once(server: ScriptedServer, text: Text, timeout_s: float = 10.0):
+async def speak_several(server: ScriptedServer, text: Text, n: int, timeout_s: float = 10.0):
     async with aiohttp.ClientSession() as http:
         pool = SessionPool(http, target_for(server, timeout_s))
         try:
             session = await pool.acquire()
-            return await session.speak(text, 0.0, timeout_s)  # clock0 = 0: start_s is the absolute send time
+            # clock0 = 0: start_s is the absolute send time, comparable with the server's log
+            return [await session.speak(text, 0.0, timeout_s) for _ in range(n)]
         finally:
             await pool.close()
+
+
+async def speak_once(server: ScriptedServer, text: Text, timeout_s: float = 10.0):
+    return (await speak_several(server, text, 1, timeout_s))[0]
 
 
 def test_measured_ttfa_underrun_and_stall_match_the_injected_schedule():
     script = Script()
     with scripted(ScriptedServer(script)) as server:
-        u = run(speak_once(server, TEXTS[0]))
-    rec = u.record(0.0)
-    sent = server.log[0]
-    assert rec["ok"] and rec["error"] is None
-    # TTFA: against what the server really did, and against the injected delay.
-    true_ttfa_ms = 1000 * (sent.chunks[0] - u.start_s)
-    assert rec["ttfa_s"] * 1000 == pytest.approx(true_ttfa_ms, abs=MEASURE_TOL_MS)
-    assert rec["ttfa_s"] * 1000 == pytest.approx(script.first_ms, abs=SCHEDULE_TOL_MS)
-    # Exactly the one deliberate late chunk, with its stall: it left 300 ms after the first chunk,
-    # when the 80 + 160 ms before it had run out at 240 ms.
-    assert rec["underruns"] == 1 and rec["late_chunks"] == [2]
-    true_stall_ms = 1000 * (sent.chunks[2] - sent.chunks[0]) - 240.0
-    assert rec["stall_s"] * 1000 == pytest.approx(true_stall_ms, abs=MEASURE_TOL_MS)
-    assert rec["stall_s"] * 1000 == pytest.approx(60.0, abs=SCHEDULE_TOL_MS)
-    # Every chunk's arrival, the audio total, end-to-end time and RTF.
-    for (arrival, _), t in zip(u.chunks, sent.chunks, strict=True):
-        assert 1000 * arrival == pytest.approx(1000 * (t - u.start_s), abs=MEASURE_TOL_MS)
-    assert rec["audio_s"] == pytest.approx(0.08 * script.frames)
-    assert rec["e2e_s"] * 1000 == pytest.approx(1000 * (sent.completed - u.start_s), abs=MEASURE_TOL_MS)
-    assert rec["rtf"] == pytest.approx(rec["e2e_s"] / rec["audio_s"])
-    assert rec["server_ttfa_ms"] == script.first_ms and rec["stop_reason"] == "eos"
+        utterances = run(speak_several(server, TEXTS[0], 3))
+    late_ms, stall_err_ms = [], []  # how much later than the send each reading was; stall reading - truth
+    for u in utterances:
+        rec, real = u.record(0.0), truth(u, server.log, 0.0)
+        sent = real["sent"]
+        assert rec["ok"] and rec["error"] is None
+        # Exactly the one deliberate late chunk: the third left 340 ms after the first, when the
+        # 80 + 160 ms before it had run out at 240 ms.
+        assert rec["underruns"] == real["underruns"] == 1 and rec["late_chunks"] == real["late_chunks"] == [2]
+        # TTFA and stall against what the server really did (same clock), and against the script.
+        true_ttfa_ms = 1000 * (sent.chunks[0] - u.start_s)
+        true_stall_ms = 1000 * (sent.chunks[2] - sent.chunks[0]) - 240.0
+        late_ms.append(rec["ttfa_s"] * 1000 - true_ttfa_ms)
+        stall_err_ms.append(rec["stall_s"] * 1000 - true_stall_ms)
+        assert rec["ttfa_s"] * 1000 == pytest.approx(script.first_ms, abs=SCHEDULE_TOL_MS)
+        assert rec["stall_s"] * 1000 == pytest.approx(100.0, abs=SCHEDULE_TOL_MS)
+        # Every chunk's arrival, the audio total, end-to-end time and RTF.
+        for (arrival, _), t in zip(u.chunks, sent.chunks, strict=True):
+            late_ms.append(1000 * arrival - 1000 * (t - u.start_s))
+        assert rec["audio_s"] == pytest.approx(0.08 * script.frames)
+        late_ms.append(rec["e2e_s"] * 1000 - 1000 * (sent.completed - u.start_s))
+        assert rec["rtf"] == pytest.approx(rec["e2e_s"] / rec["audio_s"])
+        assert rec["server_ttfa_ms"] == script.first_ms and rec["stop_reason"] == "eos"
+    # The generator reads late only by the loopback hop and its own wake-up: typically well under a
+    # millisecond; a busy machine may delay a single reading, never most of them.
+    # (The server stamps just before writing, so no reading can be early; a stall is the difference of
+    # two readings, so its error has either sign.)
+    late_ms.sort()
+    stall_err_ms = sorted(abs(e) for e in stall_err_ms)
+    assert late_ms[0] >= 0.0, "measured an arrival before the server sent it"
+    assert late_ms[len(late_ms) // 2] < MEASURE_TOL_MS and late_ms[-1] < 3 * MEASURE_TOL_MS
+    assert stall_err_ms[len(stall_err_ms) // 2] < MEASURE_TOL_MS and stall_err_ms[-1] < 3 * MEASURE_TOL_MS
 
 
 def test_preroll_absorbs_a_stall_shorter_than_it():
     with scripted() as server:
         u = run(speak_once(server, TEXTS[0]))
     assert u.record(0.0)["underruns"] == 1
-    assert u.record(0.1)["underruns"] == 0  # a 100 ms jitter buffer hides the 60 ms gap
+    assert u.record(0.2)["underruns"] == 0  # a 200 ms jitter buffer hides the 100 ms gap
 
 
 def test_on_time_schedule_has_no_underrun():
-    script = Script(first_ms=50.0, chunks=((0, 1), (40, 2), (200, 4)), complete_ms=210.0)
+    script = Script(first_ms=50.0, chunks=((0, 1), (10, 2), (150, 4)), complete_ms=160.0)  # margins 70 and 90 ms
     with scripted(ScriptedServer(script)) as server:
         rec = run(speak_once(server, TEXTS[0])).record(0.0)
     assert rec["ok"] and rec["underruns"] == 0 and rec["stall_s"] == 0.0
@@ -96,21 +128,23 @@ def test_closed_loop_keeps_its_sessions_busy_and_every_utterance_shows_the_injec
     with scripted() as server:
         level = run(run_level(target_for(server), "concurrency", 2, TEXTS, 1.0, seed=0))
     records = [u.record(0.0) for u in level.utterances]
-    # Each utterance takes ~560 ms: two sessions back to back for 1 s start 2 each (at 0 and ~0.56 s).
+    # Each utterance takes ~600 ms: two sessions back to back for 1 s start 2 each (at 0 and ~0.6 s).
     assert len(records) == 4 and {r["session"] for r in records} == {0, 1}
     assert len(level.setup_s) == 2  # sessions were opened once, before the clock, and reused
-    for r in records:
-        assert r["ok"] and r["underruns"] == 1
+    for u, r in zip(level.utterances, records, strict=True):
+        real = truth(u, server.log, level.clock0)
+        assert r["ok"] and r["underruns"] == real["underruns"] == 1
+        assert r["ttfa_s"] * 1000 == pytest.approx(real["ttfa_ms"], abs=3 * MEASURE_TOL_MS)
+        assert r["stall_s"] * 1000 == pytest.approx(real["stall_ms"], abs=3 * MEASURE_TOL_MS)
         assert r["ttfa_s"] * 1000 == pytest.approx(150.0, abs=SCHEDULE_TOL_MS)
-        assert r["stall_s"] * 1000 == pytest.approx(60.0, abs=SCHEDULE_TOL_MS)
     s = summarise(records, "concurrency", 2, 1.0, level.elapsed_s, level.lag_s, level.setup_s, Slo())
     assert s["ok"] == 4 and s["underrun_share"] == 1.0 and s["goodput"]["share"] == 0.0
-    assert s["ttfa_ms"]["p99"] == pytest.approx(150.0, abs=SCHEDULE_TOL_MS)
-    assert s["stall_ms"]["total"] == pytest.approx(4 * 60.0, abs=4 * SCHEDULE_TOL_MS)
+    assert s["ttfa_ms"]["p99"] == pytest.approx(max(r["ttfa_s"] for r in records) * 1000, rel=0.05)
+    assert s["stall_ms"]["total"] == pytest.approx(1000 * sum(r["stall_s"] for r in records))
     lenient = summarise(records, "concurrency", 2, 1.0, level.elapsed_s, level.lag_s, level.setup_s,
-                        Slo(ttfa_ms=200.0, max_underruns=1))
+                        Slo(ttfa_ms=400.0, max_underruns=1))
     assert lenient["goodput"]["share"] == 1.0
-    assert level.elapsed_s == pytest.approx(0.56 * 2, abs=0.15)
+    assert level.elapsed_s == pytest.approx(0.6 * 2, abs=0.3)
 
 
 def test_open_loop_sends_on_the_seeded_poisson_schedule():
