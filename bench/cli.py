@@ -59,12 +59,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                                            "-throughput.png")
 
 
+# A tiny model's ops are so short that torch's worker threads spend their time waiting at barriers;
+# when another process holds a core, that wait multiplies per-frame times several-fold, run to run.
+THREADS_HELP = "torch threads (default: torch's choice); on a shared CPU, 1 gives steadier numbers"
+
+
 def _add_engine(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("engine", help="the engine offline: per-step split, frames/s against batch size, peak memory")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--sessions", type=_floats, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.md")
 
 
@@ -77,6 +83,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-official", action="store_true", help="ours and the bandwidth floor only")
     p.add_argument("--text", help="text to speak (default: a pangram)")
     p.add_argument("--frames", type=int, nargs=2, default=[2, 12], help="two frame caps (default: 2 12)")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for compare-official.json and .md")
 
 
@@ -162,6 +169,10 @@ def _engine(args: argparse.Namespace) -> int:
     from bench import engine_steps
     from bench.report import engine_markdown, provenance, write_report
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     report = engine_steps.measure(args.model, [int(n) for n in args.sessions], args.frames, args.device)
     report["provenance"] = provenance()
     markdown = engine_markdown(report)
@@ -180,7 +191,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--oracle-python {oracle}: not found (make the venv with shared/oracle/setup-oracle-venv.sh, "
                          "pass its python, or use --no-official)")
     text = args.text or compare_official.DEFAULT_TEXT
-    report = compare_official.compare(args.model, oracle, text, tuple(args.frames))
+    report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads)
     report.update(model=str(args.model), text=text, frames=list(args.frames), provenance=provenance())
     markdown = compare_markdown(report)
     paths = write_report(args.out, "compare-official", report, markdown)

@@ -53,20 +53,25 @@ def ours(model_dir: str, text: str, frames: tuple[int, int]) -> dict:
             "config": model.cfg}
 
 
-def official(python: str, model_dir: str, text: str, frames: tuple[int, int]) -> dict:
+def official(python: str, model_dir: str, text: str, frames: tuple[int, int], threads: int = 0) -> dict:
     cmd = [python, str(OFFICIAL_RUNNER), "--checkpoint", model_dir, "--text", text, "--frames", *map(str, frames)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
                                                                               "PATH": "/usr/bin:/bin"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(model: str, oracle_python: str | None, text: str = DEFAULT_TEXT, frames: tuple[int, int] = (2, 12)) -> dict:
+def compare(model: str, oracle_python: str | None, text: str = DEFAULT_TEXT, frames: tuple[int, int] = (2, 12),
+            threads: int = 0) -> dict:
     """Both sides and the floor (``makima-tts bench compare-official`` calls this); no official side
-    when ``oracle_python`` is empty."""
+    when ``oracle_python`` is empty. ``threads``: torch threads on both sides (0: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
     mine = ours(model, text, frames)
     cfg = mine.pop("config")
     floor = floor_seconds_per_frame(cfg)
-    theirs = official(oracle_python, model, text, frames) if oracle_python else None
+    theirs = official(oracle_python, model, text, frames, threads) if oracle_python else None
     report = {"ours": mine, "official": theirs, "floor": floor,
               "ours_vs_floor": mine["s_per_frame"] / floor["floor_s_per_frame"]}
     if theirs:
