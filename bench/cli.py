@@ -55,12 +55,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=120.0,
                    help="wait this long for the server's /ready (default: %(default)s)")
     p.add_argument("--token-file", type=Path, help="file whose first line is the bearer token (or MAKIMA_TOKEN)")
+    p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for serve-<mode>.json/.md/-ttfa.png/"
                                                            "-throughput.png")
 
 
 # A tiny model's ops are so short that torch's worker threads spend their time waiting at barriers;
 # when another process holds a core, that wait multiplies per-frame times several-fold, run to run.
+NOTE_HELP = "a line for the report's header: what the command cannot see (how the server was started, ...)"
 THREADS_HELP = "torch threads (default: torch's choice); on a shared CPU, 1 gives steadier numbers"
 
 
@@ -71,6 +73,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.md")
 
 
@@ -84,6 +87,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="text to speak (default: a pangram)")
     p.add_argument("--frames", type=int, nargs=2, default=[2, 12], help="two frame caps (default: 2 12)")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for compare-official.json and .md")
 
 
@@ -149,7 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
         levels.append({**s, "records": records})
 
     server, _ = asyncio.run(run_serve(cfg, progress, done))
-    report = {"bench": "serve", "mode": mode, "provenance": provenance(), "server": server, "slo": asdict(slo),
+    report = {"bench": "serve", "mode": mode, "provenance": provenance(args.note), "server": server, "slo": asdict(slo),
               "config": {"url": args.url, "loads": loads, "duration_s": args.duration, "texts": args.texts,
                          "text_count": len(cfg.texts), "language": args.language, "voice": args.voice,
                          "seed": args.seed, "preroll_ms": args.preroll_ms, "timeout_s": args.timeout,
@@ -174,7 +178,7 @@ def _engine(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     report = engine_steps.measure(args.model, [int(n) for n in args.sessions], args.frames, args.device)
-    report["provenance"] = provenance()
+    report["provenance"] = provenance(args.note)
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)
     print(markdown)
@@ -192,7 +196,7 @@ def _compare(args: argparse.Namespace) -> int:
                          "pass its python, or use --no-official)")
     text = args.text or compare_official.DEFAULT_TEXT
     report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads)
-    report.update(model=str(args.model), text=text, frames=list(args.frames), provenance=provenance())
+    report.update(model=str(args.model), text=text, frames=list(args.frames), provenance=provenance(args.note))
     markdown = compare_markdown(report)
     paths = write_report(args.out, "compare-official", report, markdown)
     print(markdown)

@@ -80,10 +80,11 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(head + argv[1:])
 
 
-def provenance() -> dict:
+def provenance(note: str | None = None) -> dict:
     # The load average at the end says whether other work shared the machine during the run.
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "command": command_line(), "machine": machine(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "command": command_line(), "machine": machine(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "note": note}
 
 
 def machine_line(m: dict) -> str:
@@ -105,6 +106,8 @@ def md_table(headers: list[str], rows: list[list[object]]) -> str:
 def md_header(title: str, prov: dict, facts: list[tuple[str, str]]) -> str:
     rows = [("date", prov["date"]), ("machine", machine_line(prov["machine"])),
             ("commit", prov["commit"] or "unknown"), *facts, ("command", f"`{prov['command']}`")]
+    if prov.get("note"):
+        rows.append(("note", prov["note"]))
     if prov.get("load_avg"):
         l1, l5, l15 = prov["load_avg"]
         rows.insert(2, ("load", f"{l1:.2f} / {l5:.2f} / {l15:.2f} (1/5/15-min load average at the end, "

@@ -24,7 +24,7 @@ def test_serve_closed_loop_writes_json_markdown_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     with scripted() as server:
         args = parse(["bench", "serve", "--url", f"ws://127.0.0.1:{server.port}", "--concurrency", "1,2",
-                      "--duration", "0.7", "--texts", "en-short", "--out", str(out)])
+                      "--duration", "0.7", "--texts", "en-short", "--note", "scripted server", "--out", str(out)])
         assert run_bench(args) == 0
     report = json.loads((out / "serve-concurrency.json").read_text())
     assert report["mode"] == "concurrency" and [lv["load"] for lv in report["levels"]] == [1, 2]
@@ -36,7 +36,7 @@ def test_serve_closed_loop_writes_json_markdown_and_plots(tmp_path, capsys):
     assert report["capacity"] is None  # nothing met "no underrun"
     md = (out / "serve-concurrency.md").read_text()
     assert "| sessions | utts |" in md and md.count("\n| 1 |") == 1 and md.count("\n| 2 |") == 1
-    assert "closed loop" in md and "none of the loads tried" in md
+    assert "closed loop" in md and "none of the loads tried" in md and "| note | scripted server |" in md
     assert md in capsys.readouterr().out
     try:
         import matplotlib  # noqa: F401
