@@ -31,8 +31,8 @@ from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
 from engine.prompt import PromptError, build_prompt
 from engine.request import RequestState, Status
-from engine.runner import Runner
-from engine.scheduler import Scheduler
+from engine.runner import FrameOutput, Runner
+from engine.scheduler import Plan, Scheduler
 from engine.text import TextError
 from engine.voice import VoicePrompt
 
@@ -169,6 +169,11 @@ class Engine:
             code = e.code if isinstance(e, EngineError) else "INVALID_REQUEST"
             consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=str(e), error_code=code))
             return
+        except Exception as e:  # anything else about this request fails it, never the engine thread
+            log.exception("admitting request %s failed", rid)
+            consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=f"{type(e).__name__}: {e}",
+                                  error_code="SYNTHESIS_ERROR"))
+            return
         state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
                              max_frames=max_frames)
         self._states[rid] = state
@@ -203,7 +208,10 @@ class Engine:
                 fn = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            fn()
+            try:
+                fn()
+            except Exception:  # a bad job is logged; the step loop must survive it
+                log.exception("engine job failed")
 
     def _paused(self) -> set[str]:
         return {rid for rid, c in self._consumers.items() if c.full}
@@ -227,34 +235,44 @@ class Engine:
                     self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
                 continue
             t2 = time.perf_counter()
-            finals: set[str] = set()
-            for it in plan.prefills:
-                st = it.state
-                if st.num_computed >= st.num_rows and st.status == Status.PREFILL:
-                    self.blocks.commit_prefix(st.request_id)
-                    st.status = Status.DECODE
-            done = []
-            for out in outputs:
-                rid = out.state.request_id
-                if out.frame is not None:
-                    self.codec.push(rid, out.frame)
-                    self._frames_generated += 1
-                if out.last:
-                    finals.add(rid)
-                    done.append((out.state, StopReason.EOS if out.frame is None else StopReason.MAX_FRAMES))
-            for chunk in self.codec.collect(finals):
-                st = self._states.get(chunk.request_id)
-                if st is None:
-                    continue
-                if st.first_chunk_at is None:
-                    st.first_chunk_at = time.perf_counter()
-                self._consumers[chunk.request_id].put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame,
-                                                                 chunk.num_frames))
-            for state, reason in done:
-                self._finish(state, reason)
+            try:
+                self._deliver(plan, outputs)
+            except Exception as e:  # e.g. the codec failed: fail this step's requests, keep serving
+                log.exception("delivering a step's audio failed")
+                for it in plan.decodes + plan.prefills:
+                    if it.state.request_id in self._states:
+                        self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
             t3 = time.perf_counter()
             st = self._step_times
             st["steps"] += 1
             st["schedule_s"] += t1 - t0
             st["step_s"] += t2 - t1
             st["codec_s"] += t3 - t2
+
+    def _deliver(self, plan: Plan, outputs: list[FrameOutput]) -> None:
+        """After a step: prefills that completed, frames to the codec, due chunks to consumers."""
+        finals: set[str] = set()
+        for it in plan.prefills:
+            st = it.state
+            if st.num_computed >= st.num_rows and st.status == Status.PREFILL:
+                self.blocks.commit_prefix(st.request_id)
+                st.status = Status.DECODE
+        done = []
+        for out in outputs:
+            rid = out.state.request_id
+            if out.frame is not None:
+                self.codec.push(rid, out.frame)
+                self._frames_generated += 1
+            if out.last:
+                finals.add(rid)
+                done.append((out.state, StopReason.EOS if out.frame is None else StopReason.MAX_FRAMES))
+        for chunk in self.codec.collect(finals):
+            st = self._states.get(chunk.request_id)
+            if st is None:
+                continue
+            if st.first_chunk_at is None:
+                st.first_chunk_at = time.perf_counter()
+            self._consumers[chunk.request_id].put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame,
+                                                             chunk.num_frames))
+        for state, reason in done:
+            self._finish(state, reason)

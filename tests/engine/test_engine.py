@@ -57,9 +57,11 @@ async def collect(engine, request, delay=0.0):
     return chunks, finished
 
 
-def run_all(engine, requests, stagger=0.0):
+def run_all(engine, requests, stagger=0.0, timeout=180.0):
     async def main():
-        return await asyncio.gather(*(collect(engine, r, i * stagger) for i, r in enumerate(requests)))
+        # Bounded: a dead engine thread must fail the test, not hang it.
+        return await asyncio.wait_for(
+            asyncio.gather(*(collect(engine, r, i * stagger) for i, r in enumerate(requests))), timeout)
     return asyncio.run(main())
 
 
@@ -196,3 +198,13 @@ def test_slow_consumer_pauses_only_itself(tiny_model, voices):
         assert eng.blocks.num_used == 0
     finally:
         eng.shutdown()
+
+
+def test_text_the_tokenizer_cannot_encode_fails_that_request_only(tiny_model, voices, engine):
+    bad = Request(text="lone surrogate \ud800 here", voice=voices["xvec_a"], request_id="surrogate")
+    _, fin = run_all(engine, [bad])[0]
+    assert fin.stop_reason == StopReason.ERROR and fin.error_code in ("INVALID_REQUEST", "SYNTHESIS_ERROR")
+    ok = Request(text="Still alive.", voice=voices["xvec_a"], max_frames=2, request_id="after",
+                 sampling=greedy(tiny_model))
+    _, fin = run_all(engine, [ok])[0]
+    assert fin.frames == 2
