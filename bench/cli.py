@@ -103,6 +103,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, prog: str | None = 
     _add_serve(sub)
     _add_engine(sub)
     _add_compare(sub)
+    r = sub.add_parser("render", help="rewrite a serve report's Markdown and plots from its JSON (after a change "
+                                      "to the report code, or to add --note)")
+    r.add_argument("json", type=Path, help="a serve-<mode>.json written by bench serve")
+    r.add_argument("--note", help="replace the header's note")
     return p
 
 
@@ -204,8 +208,26 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.report import Slo, capacity, plot_serve, serve_markdown, write_report
+
+    report = json.loads(args.json.read_text())
+    if report.get("bench") != "serve":
+        raise ValueError(f"{args.json}: not a bench serve report")
+    if args.note is not None:
+        report["provenance"]["note"] = args.note
+    report["capacity"] = capacity(report["levels"], Slo(**report["slo"]))
+    stem = args.json.stem
+    markdown = serve_markdown(report, plot_serve(report, args.json.parent, stem))
+    write_report(args.json.parent, stem, report, markdown)
+    print(markdown)
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    handlers = {"serve": _serve, "engine": _engine, "compare-official": _compare}
+    handlers = {"serve": _serve, "engine": _engine, "compare-official": _compare, "render": _render}
     return handlers[args.bench_command](args)
 
 

@@ -175,13 +175,19 @@ def summarise(records: list[dict], mode: str, load: float, duration_s: float, el
 
 
 def capacity(levels: list[dict], slo: Slo) -> float | None:
-    """The highest load before the first level whose goodput share falls below ``slo.share``: the knee."""
-    best = None
-    for s in sorted(levels, key=lambda s: s["load"]):
-        if s["goodput"]["share"] is None or s["goodput"]["share"] < slo.share:
-            break
-        best = s["load"]
-    return best
+    """The highest load at which ``slo.share`` of utterances met the target: the knee. A lower load
+    that fell short is not hidden: ``shortfalls`` names it (a short run's one unlucky utterance, or
+    a real instability)."""
+    ok = [s["load"] for s in levels if s["goodput"]["share"] is not None and s["goodput"]["share"] >= slo.share]
+    return max(ok, default=None)
+
+
+def shortfalls(levels: list[dict], slo: Slo, below: float | None) -> list[dict]:
+    """Levels under the capacity that missed the share."""
+    if below is None:
+        return []
+    return [s for s in sorted(levels, key=lambda s: s["load"]) if s["load"] < below
+            and (s["goodput"]["share"] is None or s["goodput"]["share"] < slo.share)]
 
 
 # ---- serve: Markdown ---------------------------------------------------------------------------------
@@ -218,6 +224,10 @@ def serve_markdown(report: dict, plots: list[str]) -> str:
     cap = report["capacity"]
     knee = (f"**Capacity** (highest load with ≥ {100 * slo['share']:.0f} % of utterances on target): "
             + (f"{short} = {_load_label(cap)}." if cap is not None else "none of the loads tried."))
+    dips = shortfalls(report["levels"], Slo(**slo), cap)
+    if dips:
+        named = ", ".join(f"{short} = {_load_label(s['load'])} ({fmt(s['goodput']['share'], 0, 100)} %)" for s in dips)
+        knee += f" Below it, {named} fell short: look at its utterances before trusting the knee."
     errors = Counter()
     for s in report["levels"]:
         errors.update(s["errors"])

@@ -44,6 +44,12 @@ def test_serve_closed_loop_writes_json_markdown_and_plots(tmp_path, capsys):
         return
     for name in ("serve-concurrency-ttfa.png", "serve-concurrency-throughput.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
+    # render: the same report again from its JSON, with a new note.
+    (out / "serve-concurrency-ttfa.png").unlink()
+    assert main(["render", str(out / "serve-concurrency.json"), "--note", "again"]) == 0
+    again = (out / "serve-concurrency.md").read_text()
+    assert "| note | again |" in again and again.replace("again", "scripted server") == md
+    assert (out / "serve-concurrency-ttfa.png").is_file()
 
 
 def test_serve_open_loop_and_a_lenient_target(tmp_path):
