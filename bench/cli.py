@@ -103,9 +103,9 @@ def add_bench_parser(subparsers: argparse._SubParsersAction, prog: str | None = 
     _add_serve(sub)
     _add_engine(sub)
     _add_compare(sub)
-    r = sub.add_parser("render", help="rewrite a serve report's Markdown and plots from its JSON (after a change "
-                                      "to the report code, or to add --note)")
-    r.add_argument("json", type=Path, help="a serve-<mode>.json written by bench serve")
+    r = sub.add_parser("render", help="rewrite a report's Markdown (and plots) from its JSON, after a change to "
+                                      "the report code or to set --note")
+    r.add_argument("json", type=Path, help="a .json written by bench serve, engine or compare-official")
     r.add_argument("--note", help="replace the header's note")
     return p
 
@@ -182,7 +182,7 @@ def _engine(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     report = engine_steps.measure(args.model, [int(n) for n in args.sessions], args.frames, args.device)
-    report["provenance"] = provenance(args.note)
+    report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)
     print(markdown)
@@ -200,7 +200,8 @@ def _compare(args: argparse.Namespace) -> int:
                          "pass its python, or use --no-official)")
     text = args.text or compare_official.DEFAULT_TEXT
     report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads)
-    report.update(model=str(args.model), text=text, frames=list(args.frames), provenance=provenance(args.note))
+    report.update(bench="compare-official", model=str(args.model), text=text, frames=list(args.frames),
+                  provenance=provenance(args.note))
     markdown = compare_markdown(report)
     paths = write_report(args.out, "compare-official", report, markdown)
     print(markdown)
@@ -211,16 +212,20 @@ def _compare(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import json
 
-    from bench.report import Slo, capacity, plot_serve, serve_markdown, write_report
+    from bench.report import Slo, capacity, compare_markdown, engine_markdown, plot_serve, serve_markdown, write_report
 
     report = json.loads(args.json.read_text())
-    if report.get("bench") != "serve":
-        raise ValueError(f"{args.json}: not a bench serve report")
+    kind = report.get("bench")
+    if kind not in ("serve", "engine", "compare-official"):
+        raise ValueError(f"{args.json}: not a report written by bench serve, engine or compare-official")
     if args.note is not None:
         report["provenance"]["note"] = args.note
-    report["capacity"] = capacity(report["levels"], Slo(**report["slo"]))
     stem = args.json.stem
-    markdown = serve_markdown(report, plot_serve(report, args.json.parent, stem))
+    if kind == "serve":
+        report["capacity"] = capacity(report["levels"], Slo(**report["slo"]))
+        markdown = serve_markdown(report, plot_serve(report, args.json.parent, stem))
+    else:
+        markdown = (engine_markdown if kind == "engine" else compare_markdown)(report)
     write_report(args.json.parent, stem, report, markdown)
     print(markdown)
     return 0

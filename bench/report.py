@@ -207,7 +207,7 @@ def serve_markdown(report: dict, plots: list[str]) -> str:
              ("texts", f"{cfg['texts']} ({cfg['text_count']} utterances), language {cfg['language']}"),
              ("per level", f"{cfg['duration_s']:g} s of arrivals, then the utterances in flight finish; "
                            f"seed {cfg['seed']}"),
-             ("target", f"TTFA ≤ {slo['ttfa_ms']:g} ms and ≤ {slo['max_underruns']} underruns "
+             ("target", f"TTFA ≤ {slo['ttfa_ms']:g} ms and {_underruns_allowed(slo['max_underruns'])} "
                         f"(playback starts at the first byte{_preroll(cfg)})")]
     rows = []
     for s in report["levels"]:
@@ -239,6 +239,10 @@ def serve_markdown(report: dict, plots: list[str]) -> str:
                  "event-loop delay (high values mean the client, not the server, was the bottleneck).")
     images = [f"![{p}]({p})" for p in plots]
     return "\n\n".join([md_header(f"`bench serve`, {words}", report["provenance"], facts), table, *notes, *images])
+
+
+def _underruns_allowed(n: int) -> str:
+    return "no underrun" if n == 0 else f"at most {n} underrun{'s' if n > 1 else ''}"
 
 
 def _preroll(cfg: dict) -> str:
@@ -390,7 +394,8 @@ def engine_markdown(report: dict) -> str:
     mem = f"peak RSS {report['peak_rss_gb']:.2f} GB"
     if "cuda_max_allocated_gb" in report:
         mem += f", CUDA max allocated {report['cuda_max_allocated_gb']:.2f} GB"
-    facts = [("model", report["model"]), ("device", f"{report['device']}, {report['threads']} torch threads"),
+    threads = f"{report['threads']} torch thread{'s' if report['threads'] != 1 else ''}"
+    facts = [("model", report["model"]), ("device", f"{report['device']}, {threads}"),
              ("work", f"each session {report.get('frames_per_request', '?')} frames, greedy, x-vector voice"),
              ("memory", mem)]
     note = ("TTFA here is inside the engine (submit → first audio chunk), without the server or network. "

@@ -87,6 +87,9 @@ def test_engine_bench_writes_json_and_markdown(tiny, tmp_path):
     assert report["provenance"]["date"] and report["frames_per_request"] == 3
     md = (tmp_path / "engine.md").read_text()
     assert "`bench engine`" in md and md.count("\n| 1 |") == 1 and "peak RSS" in md
+    assert main(["render", str(tmp_path / "engine.json"), "--note", "n"]) == 0
+    again = (tmp_path / "engine.md").read_text()
+    assert "| note | n |\n" in again and again.replace("| note | n |\n", "") == md
 
 
 def test_compare_official_without_the_official_side(tiny, tmp_path):
