@@ -167,7 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plots = plot_serve(report, args.out, stem)
     markdown = serve_markdown(report, plots)
-    paths = write_report(args.out, stem, report, markdown)
+    paths = write_report(args.out, stem, report, markdown, compact=True)
     print(markdown)
     print(f"\nwrote {', '.join(str(p) for p in paths + [args.out / n for n in plots])}", file=sys.stderr)
     return 0 if any(s["ok"] for s in levels) else 1
@@ -226,7 +226,7 @@ def _render(args: argparse.Namespace) -> int:
         markdown = serve_markdown(report, plot_serve(report, args.json.parent, stem))
     else:
         markdown = (engine_markdown if kind == "engine" else compare_markdown)(report)
-    write_report(args.json.parent, stem, report, markdown)
+    write_report(args.json.parent, stem, report, markdown, compact=kind == "serve")
     print(markdown)
     return 0
 

@@ -115,10 +115,14 @@ def md_header(title: str, prov: dict, facts: list[tuple[str, str]]) -> str:
     return "\n".join([f"### {title}", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def write_report(out_dir: Path, stem: str, data: dict, markdown: str) -> list[Path]:
+def write_report(out_dir: Path, stem: str, data: dict, markdown: str, compact: bool = False) -> list[Path]:
+    """``compact``: one line of JSON (a serve report holds every chunk of every utterance: indented,
+    it is three times the size in the repository for no reader's benefit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    layout: dict = {"separators": (",", ":")} if compact else {"indent": 2}
+    text = json.dumps(data, ensure_ascii=False, default=str, **layout)
+    paths[0].write_text(text + "\n")
     paths[1].write_text(markdown.rstrip() + "\n")
     return paths
 
