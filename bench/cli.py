@@ -26,6 +26,13 @@ def _floats(value: str) -> list[float]:
     return loads
 
 
+def _ints(value: str) -> list[int]:
+    loads = _floats(value)
+    if any(v != int(v) for v in loads):
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {value!r}")
+    return [int(v) for v in loads]
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="load a running server's /api/v1/speak and measure TTFA, underruns, throughput",
                        description="Closed loop (--concurrency: that many sessions, each speaking back to back) or "
@@ -69,7 +76,7 @@ THREADS_HELP = "torch threads (default: torch's choice); on a shared CPU, 1 give
 def _add_engine(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("engine", help="the engine offline: per-step split, frames/s against batch size, peak memory")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--sessions", type=_floats, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
+    p.add_argument("--sessions", type=_ints, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
@@ -181,7 +188,7 @@ def _engine(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = engine_steps.measure(args.model, [int(n) for n in args.sessions], args.frames, args.device)
+    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device)
     report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)

@@ -146,7 +146,7 @@ async def server_info(ws_url: str, headers: dict[str, str], ready_timeout_s: flo
             except (aiohttp.ClientError, json.JSONDecodeError) as e:
                 reason = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{http_url(ws_url, '/ready')} not ready after {ready_timeout_s:.0f} s: {reason}")
+                raise RuntimeError(f"{http_url(ws_url, '/ready')} not ready after {ready_timeout_s:g} s: {reason}")
             await asyncio.sleep(0.5)
         async with http.get(http_url(ws_url, "/api/v1/info")) as r:
             return await r.json()
