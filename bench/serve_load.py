@@ -202,6 +202,8 @@ class Session:
             self.broken, u.error = True, "TIMEOUT"  # the socket may still carry its audio: never reuse it
         except (aiohttp.ClientError, ConnectionError, RuntimeError):
             self.broken, u.error = True, "CLOSED"
+        except ValueError:  # a text frame that is not JSON: count it, do not let it end the run
+            self.broken, u.error = True, "BAD_MESSAGE"
         return u
 
 
