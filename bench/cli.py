@@ -70,7 +70,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 # A tiny model's ops are so short that torch's worker threads spend their time waiting at barriers;
 # when another process holds a core, that wait multiplies per-frame times several-fold, run to run.
 NOTE_HELP = "a line for the report's header: what the command cannot see (how the server was started, ...)"
-THREADS_HELP = "torch threads (default: torch's choice); on a shared CPU, 1 gives steadier numbers"
+THREADS_HELP = "torch CPU threads (default 1, as the engine; 0: torch's choice)"
 
 
 def _add_engine(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +79,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=_ints, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.md")
 
@@ -93,7 +93,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-official", action="store_true", help="ours and the bandwidth floor only")
     p.add_argument("--text", help="text to speak (default: a pangram)")
     p.add_argument("--frames", type=int, nargs=2, default=[2, 12], help="two frame caps (default: 2 12)")
-    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for compare-official.json and .md")
 
@@ -184,11 +184,7 @@ def _engine(args: argparse.Namespace) -> int:
     from bench import engine_steps
     from bench.report import engine_markdown, provenance, write_report
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device)
+    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device, args.threads)
     report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)

@@ -63,9 +63,9 @@ def run_concurrency(engine: Engine, voice, n: int, frames: int) -> dict:
     }
 
 
-def measure(model: str, sessions: list[int], frames: int, device: str = "cpu") -> dict:
+def measure(model: str, sessions: list[int], frames: int, device: str = "cpu", threads: int | None = 1) -> dict:
     """The whole bench: one row per concurrency in ``sessions`` (``makima-tts bench engine`` calls this)."""
-    engine = Engine.from_model(model, EngineConfig(device=device))
+    engine = Engine.from_model(model, EngineConfig(device=device, cpu_threads=threads))
     try:
         ref = (0.1 * np.sin(np.arange(48000) * 2 * np.pi * 150 / 24000)).astype(np.float32)
         voice = asyncio.run(engine.make_voice(ref, None, True))

@@ -368,6 +368,11 @@ class EngineConfig:
 
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU (bf16 matmul is ~50x slower there), bfloat16 on CUDA
+    # torch intra-op threads on CPU. One thread already streams weights at full memory bandwidth
+    # here, while two make every small op wait at a barrier for a core that the event loop, the
+    # codec or another process holds: measured on the 2-core box, a batch-1 predictor frame took
+    # 0.36 s with 1 thread and 1.4 s with 2 while one other process was busy.
+    cpu_threads: int | None = 1  # None: leave torch's default
     block_size: int = 16  # KV positions per block; small blocks waste little on short TTS turns
     num_kv_blocks: int | None = None  # None: from kv_cache_gb
     kv_cache_gb: float = 1.0  # memory for the talker's paged KV pool when num_kv_blocks is None

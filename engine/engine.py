@@ -61,6 +61,8 @@ class _Consumer:
 class Engine:
     def __init__(self, model: TTSModel, cfg: EngineConfig | None = None) -> None:
         self.model, self.cfg = model, cfg or EngineConfig()
+        if model.device.type == "cpu" and self.cfg.cpu_threads:
+            torch.set_num_threads(self.cfg.cpu_threads)  # process-wide: the engine owns the compute
         talker_cfg = model.cfg.talker.transformer
         num_blocks = self.cfg.num_kv_blocks or max(
             16, int(self.cfg.kv_cache_gb * 2**30 // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,

@@ -38,6 +38,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--non-streaming-text", action="store_true", help="put the whole text in the prompt")
     p.add_argument("--codes-out", type=Path, help="write the generated codes (frames x 16) as .npy")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: full memory bandwidth already, no barrier stalls)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
 
@@ -60,7 +62,8 @@ def _synthesize_requests(args: argparse.Namespace) -> int:
         raise ValueError("--requests replaces --text/--out")
     if not args.requests.is_file():
         raise ValueError(f"--requests {args.requests}: no such file")
-    engine = Engine.from_model(args.model, EngineConfig(device=args.device, dtype=args.dtype))
+    engine = Engine.from_model(args.model, EngineConfig(device=args.device, dtype=args.dtype,
+                                                        cpu_threads=args.threads))
     try:
         report = run_requests(engine, args.requests, args.out_dir, args.stagger_ms)
     finally:
@@ -140,6 +143,8 @@ def _synthesize(args: argparse.Namespace) -> int:
     if not args.text.strip():
         raise ValueError("--text is empty")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     if args.ref_text and args.x_vector_only:
         raise ValueError("--ref-text and --x-vector-only exclude each other")
     req = SynthesisRequest(
@@ -195,14 +200,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.cli import add_bench_parser, run_bench  # argparse only: --help stays instant
+
     parser = argparse.ArgumentParser(prog="makima-tts", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthesize(sub)
     _add_make_random_checkpoint(sub)
     _add_serve(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     handlers = {"synthesize": _synthesize, "make-random-checkpoint": _make_random_checkpoint,
-                "serve": _serve}
+                "serve": _serve, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except (ValueError, RuntimeError, OSError) as e:  # our errors all derive from these
