@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,11 @@ class Engine:
         self.runner = Runner(model.tts.talker, self.kv, self.blocks)
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
                                  model.cfg.speech_tokenizer.samples_per_frame)
+        # The codec stage runs on its own thread, one step behind the model: while it decodes
+        # step N's frames, the engine thread runs step N+1 on the other core. Every codec call goes
+        # through this single worker, in submission order, so the stream state has one owner.
+        self._codec_worker = ThreadPoolExecutor(1, thread_name_prefix="makima-codec")
+        self._codec_job: tuple[Future, list[tuple[RequestState, StopReason]], set[str]] | None = None
         self.sample_rate = model.sample_rate
         self.default_sampling = model.sampling()  # generation_config.json of the checkpoint
         self.languages = ["auto", *sorted(k for k in model.cfg.talker.language_ids if "dialect" not in k)]
@@ -145,6 +150,7 @@ class Engine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._codec_worker.shutdown(wait=True)
 
     def _call(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
@@ -180,7 +186,7 @@ class Engine:
                              max_frames=max_frames)
         self._states[rid] = state
         self._consumers[rid] = consumer
-        self.codec.open(rid, request.voice.ref_codes if request.voice.is_icl else None)
+        self._codec_worker.submit(self.codec.open, rid, request.voice.ref_codes if request.voice.is_icl else None)
         self.scheduler.add(state)
 
     def _cancel(self, request_id: str) -> None:
@@ -192,7 +198,7 @@ class Engine:
                 error_code: str | None = None) -> None:
         rid = state.request_id
         self.scheduler.remove(state)  # frees the KV blocks now
-        self.codec.close(rid)
+        self._codec_worker.submit(self.codec.close, rid)
         state.status, state.stop_reason = Status.FINISHED, reason
         self._states.pop(rid, None)
         consumer = self._consumers.pop(rid, None)
@@ -226,6 +232,9 @@ class Engine:
             plan = self.scheduler.schedule(paused=self._paused())
             t1 = time.perf_counter()
             if plan.empty:
+                if self._codec_job is not None:
+                    self._complete_codec_job()
+                    continue
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -237,44 +246,66 @@ class Engine:
                     self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
                 continue
             t2 = time.perf_counter()
-            try:
-                self._deliver(plan, outputs)
-            except Exception as e:  # e.g. the codec failed: fail this step's requests, keep serving
-                log.exception("delivering a step's audio failed")
-                for it in plan.decodes + plan.prefills:
-                    if it.state.request_id in self._states:
-                        self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
-            t3 = time.perf_counter()
             st = self._step_times
             st["steps"] += 1
             st["schedule_s"] += t1 - t0
             st["step_s"] += t2 - t1
-            st["codec_s"] += t3 - t2
+            if self._codec_job is not None:
+                self._complete_codec_job()  # step N-1's audio, decoded while step N ran
+            self._hand_to_codec(plan, outputs)
 
-    def _deliver(self, plan: Plan, outputs: list[FrameOutput]) -> None:
-        """After a step: prefills that completed, frames to the codec, due chunks to consumers."""
-        finals: set[str] = set()
+    def _hand_to_codec(self, plan: Plan, outputs: list[FrameOutput]) -> None:
+        """After a step: mark completed prefills, retire finished requests (their KV blocks are freed
+        now, before the next step), and queue the step's frames for the codec worker."""
         for it in plan.prefills:
             st = it.state
             if st.num_computed >= st.num_rows and st.status == Status.PREFILL:
                 self.blocks.commit_prefix(st.request_id)
                 st.status = Status.DECODE
-        done = []
+        frames: list[tuple[str, list[int]]] = []
+        finals: set[str] = set()
+        done: list[tuple[RequestState, StopReason]] = []
         for out in outputs:
             rid = out.state.request_id
             if out.frame is not None:
-                self.codec.push(rid, out.frame)
+                frames.append((rid, out.frame))
                 self._frames_generated += 1
             if out.last:
                 finals.add(rid)
                 done.append((out.state, StopReason.EOS if out.frame is None else StopReason.MAX_FRAMES))
+                self.scheduler.remove(out.state)  # retired: blocks free now, Finished after its audio
+                out.state.status = Status.FINISHED
+        rids = {rid for rid, _ in frames} | finals
+        self._codec_job = (self._codec_worker.submit(self._codec_step, frames, finals), done, rids)
+
+    def _codec_step(self, frames: list[tuple[str, list[int]]], finals: set[str]) -> None:
+        """On the codec worker: push a step's frames, decode the due chunks and hand them to their
+        consumers at once (the consumer queue is thread-safe); Finished follows from the engine
+        thread once this job is complete, so it always comes after the last chunk."""
+        t0 = time.perf_counter()
+        for rid, frame in frames:
+            self.codec.push(rid, frame)
         for chunk in self.codec.collect(finals):
-            st = self._states.get(chunk.request_id)
-            if st is None:
-                continue
-            if st.first_chunk_at is None:
-                st.first_chunk_at = time.perf_counter()
-            self._consumers[chunk.request_id].put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame,
-                                                             chunk.num_frames))
+            state, consumer = self._states.get(chunk.request_id), self._consumers.get(chunk.request_id)
+            if state is None or consumer is None:
+                continue  # cancelled meanwhile
+            if state.first_chunk_at is None:
+                state.first_chunk_at = time.perf_counter()
+            consumer.put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame, chunk.num_frames))
+        self._step_times["codec_s"] += time.perf_counter() - t0
+
+    def _complete_codec_job(self) -> None:
+        """Wait for the pending codec job, then send Finished for the requests it flushed."""
+        future, done, rids = self._codec_job
+        self._codec_job = None
+        try:
+            future.result()
+        except Exception as e:  # the codec failed: fail the requests of that job, keep serving
+            log.exception("codec step failed")
+            for rid in rids:
+                if rid in self._states:
+                    self._finish(self._states[rid], StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
+            return
         for state, reason in done:
-            self._finish(state, reason)
+            if state.request_id in self._states:
+                self._finish(state, reason)

@@ -100,7 +100,10 @@ def test_neighbours_do_not_change_output(tiny_model, voices, engine):
     assert np.array_equal(alone[1].codes, together[1].codes)
     a = np.concatenate([c.samples for c in alone[0]])
     b = np.concatenate([c.samples for c in together[0]])
-    assert np.array_equal(a, b)
+    # Codes are identical; the audio is too up to fp32 rounding: the codec batches the chunks that
+    # are due together, and a batch of different size rounds a convolution differently (~1e-7).
+    # A voice leaking from a neighbour would differ by the signal itself (~1e-2 here).
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
 def test_cancel_mid_stream_frees_blocks_and_spares_others(tiny_model, voices, engine):
