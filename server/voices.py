@@ -26,6 +26,7 @@ from engine.api import EngineError, TTSEngine
 from engine.audio import SAMPLE_RATE, AudioError, load_audio_24k
 from engine.voice import VoicePrompt
 from server import protocol as P
+from server.refaudio import check_decoded_size
 
 log = logging.getLogger("makima.server.voices")
 
@@ -88,6 +89,7 @@ async def make_prompt(engine: TTSEngine, audio: bytes, ref_text: str | None, x_v
                       max_seconds: float) -> tuple[VoicePrompt, float]:
     """Decode reference audio (off the event loop) and ask the engine for its voice prompt."""
     loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, check_decoded_size, audio, max_seconds)
     try:
         wave: np.ndarray = await loop.run_in_executor(None, load_audio_24k, audio, max_seconds)
     except AudioError as e:
