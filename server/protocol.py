@@ -49,7 +49,8 @@ ENGINE_ERROR_CODES = {"TEXT_TOO_LONG": TEXT_TOO_LONG, "INVALID_REQUEST": INVALID
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le")
 PRIORITIES = {"low": Priority.LOW, "normal": Priority.NORMAL, "high": Priority.HIGH}
-VOICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # ids are looked up, never joined into paths
+# Ids are looked up, never joined into paths. \Z, not $: $ also matches before a trailing newline.
+VOICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 MAX_ID_CHARS = 128
 # Sampling ranges. Values outside them make the engine's logits inf/NaN (temperature 1e-300 or 1e308,
 # repetition_penalty 1e-300 were measured to fail a whole engine step, or kill the engine thread),
