@@ -11,8 +11,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import tempfile
 
 import pytest
+
+# Hypothesis keeps its files outside the checkout (the fuzz tests also pass database=None).
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "makima-hypothesis"))
 
 DEFAULT_TIMEOUT_S = 60.0
 RESULTS = pytest.StashKey[list]()
@@ -31,6 +36,16 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "timeout(seconds): time limit of an async reliability test")
     config.stash[RESULTS] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_shared(tmp_path_factory):
+    """One real engine (tiny random checkpoint) for every in-process test that does not break it."""
+    from tests.reliability.inproc import tiny_engine
+
+    engine = tiny_engine(tmp_path_factory.mktemp("tiny-shared"))
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture
