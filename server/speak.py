@@ -308,6 +308,11 @@ async def read_loop(session: Session) -> None:
             return
 
 
+RETRY_LATER = frozenset({P.OVERLOADED, P.TTS_UNAVAILABLE, P.RATE_LIMITED})  # worth retrying in a moment
+
+
 def error_response(e: P.ProtocolError, state: AppState, headers: dict | None = None) -> web.Response:
     state.metrics.errors.labels(e.code).inc()
+    if e.code in RETRY_LATER:
+        headers = {"Retry-After": "1", **(headers or {})}
     return web.json_response(P.error(e.code, e.message, e.id), status=P.HTTP_STATUS.get(e.code, 400), headers=headers)

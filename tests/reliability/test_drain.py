@@ -59,6 +59,9 @@ async def test_sigterm_refuses_new_sessions_finishes_running_ones_and_exits_0(tm
             health = (await http.get(replica.url + "/health")).status
             refused = await http.get(url, headers=UPGRADE)
             refused_body = await refused.json()
+            speech = await http.post(replica.url + "/v1/audio/speech", json={"input": "Hi.", "response_format": "pcm",
+                                                                             "ref_audio": START["voice"]["ref_audio"],
+                                                                             "x_vector_only": True})
             await late.send_json(START)
             late_error = await late.receive_json(timeout=5)
             late_close = await late.receive(timeout=5)
@@ -73,6 +76,7 @@ async def test_sigterm_refuses_new_sessions_finishes_running_ones_and_exits_0(tm
                        "exit_code": code, "drain_s": round(drain_s, 2)})
         assert ready == {"ready": False, "reason": "draining"} and health == 200
         assert refused.status == 503 and refused_body["code"] == "TTS_UNAVAILABLE" and refused.headers["Retry-After"]
+        assert speech.status == 503 and speech.headers["Retry-After"] == "1"
         assert late_error["code"] == "TTS_UNAVAILABLE"
         assert late_close.type == aiohttp.WSMsgType.CLOSE and late_close.data == 1013
         # Idle sockets go (1001) while work is still running, so their clients move on early.
