@@ -206,7 +206,7 @@ class Engine:
             frames = len(state.frames)
             ttfa = None if state.first_chunk_at is None else state.first_chunk_at - consumer.submitted_at
             seconds = frames * self.model.cfg.speech_tokenizer.samples_per_frame / self.sample_rate
-            codes = np.asarray(state.frames, dtype=np.int64).reshape(frames, -1)
+            codes = np.asarray(state.frames, dtype=np.int64).reshape(frames, self.model.cfg.talker.num_code_groups)
             consumer.put(Finished(rid, reason, frames, seconds, ttfa, time.perf_counter() - consumer.submitted_at,
                                   error, error_code, codes))
 

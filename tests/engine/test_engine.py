@@ -211,3 +211,20 @@ def test_text_the_tokenizer_cannot_encode_fails_that_request_only(tiny_model, vo
                  sampling=greedy(tiny_model))
     _, fin = run_all(engine, [ok])[0]
     assert fin.frames == 2
+
+
+def test_cancel_before_the_first_frame(tiny_model, voices, engine):
+    async def main():
+        req = Request(text=TEXTS[3], voice=voices["icl_a"], max_frames=30, request_id="early")
+        stream = engine.submit(req).__aiter__()
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the admission is queued now
+        engine.cancel("early")  # queued right behind it: cancelled before any step
+        return [await first] + [item async for item in stream]
+    items = asyncio.run(asyncio.wait_for(main(), 60))
+    fin = items[-1]
+    assert fin.stop_reason == StopReason.CANCELLED and fin.frames == 0 and fin.codes.shape == (0, 16)
+    deadline = time.monotonic() + 5
+    while engine.blocks.num_used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.blocks.num_used == 0
