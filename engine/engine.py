@@ -227,32 +227,41 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
-            self._drain_inbox()
-            t0 = time.perf_counter()
-            plan = self.scheduler.schedule(paused=self._paused())
-            t1 = time.perf_counter()
-            if plan.empty:
-                if self._codec_job is not None:
-                    self._complete_codec_job()
-                    continue
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.runner.step(plan)
-            except Exception as e:  # a failed step fails its requests, never the engine
-                log.exception("engine step failed")
-                for it in plan.decodes + plan.prefills:
-                    self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
-                continue
-            t2 = time.perf_counter()
-            st = self._step_times
-            st["steps"] += 1
-            st["schedule_s"] += t1 - t0
-            st["step_s"] += t2 - t1
+                self._run_once()
+            except Exception:  # last line of defence: a bug in one iteration must not end serving
+                log.exception("engine loop iteration failed")
+
+    def _run_once(self) -> None:
+        """One iteration: inbox, schedule, one step, hand its frames to the codec."""
+        self._drain_inbox()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule(paused=self._paused())
+        t1 = time.perf_counter()
+        for state in plan.out_of_memory:
+            self._finish(state, StopReason.ERROR, "the KV cache cannot hold this request", "OVERLOADED")
+        if not plan.decodes and not plan.prefills:
             if self._codec_job is not None:
-                self._complete_codec_job()  # step N-1's audio, decoded while step N ran
-            self._hand_to_codec(plan, outputs)
+                self._complete_codec_job()
+                return
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        try:
+            outputs = self.runner.step(plan)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed")
+            for it in plan.decodes + plan.prefills:
+                self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
+            return
+        t2 = time.perf_counter()
+        st = self._step_times
+        st["steps"] += 1
+        st["schedule_s"] += t1 - t0
+        st["step_s"] += t2 - t1
+        if self._codec_job is not None:
+            self._complete_codec_job()  # step N-1's audio, decoded while step N ran
+        self._hand_to_codec(plan, outputs)
 
     def _hand_to_codec(self, plan: Plan, outputs: list[FrameOutput]) -> None:
         """After a step: mark completed prefills, retire finished requests (their KV blocks are freed

@@ -29,10 +29,11 @@ class Plan:
     decodes: list[ScheduledRequest] = field(default_factory=list)
     prefills: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[RequestState] = field(default_factory=list)
+    out_of_memory: list[RequestState] = field(default_factory=list)  # alone and still cannot grow: fail them
 
     @property
     def empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.prefills and not self.out_of_memory
 
 
 class Scheduler:
@@ -81,7 +82,9 @@ class Scheduler:
                 plan.preempted.append(victim)
                 plan.decodes = [d for d in plan.decodes if d.state is not victim]
             if not self.blocks.can_append(state.request_id):
-                raise RuntimeError("KV pool too small for a single request")
+                self.remove(state)  # nothing left to preempt: the pool cannot hold this request
+                plan.out_of_memory.append(state)
+                continue
             start = self.blocks.table(state.request_id).num_tokens
             self.blocks.append_slot(state.request_id)
             plan.decodes.append(ScheduledRequest(state, 1, start))

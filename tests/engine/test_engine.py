@@ -228,3 +228,21 @@ def test_cancel_before_the_first_frame(tiny_model, voices, engine):
     while engine.blocks.num_used and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.blocks.num_used == 0
+
+
+def test_a_request_the_pool_cannot_hold_fails_alone_and_the_engine_goes_on(tiny_model, voices):
+    # 3 blocks of 16 rows: the prompt fits, but the utterance outgrows the pool with nobody to preempt.
+    eng = Engine(tiny_model, EngineConfig(num_kv_blocks=3, chunk_frames=(1,)))
+    try:
+        big = Request(text="Hi.", voice=voices["xvec_a"], max_frames=60, sampling=greedy(tiny_model),
+                      request_id="big")
+        _, fin = run_all(eng, [big], timeout=60)[0]
+        assert fin.stop_reason in (StopReason.ERROR, StopReason.EOS)
+        if fin.stop_reason == StopReason.ERROR:
+            assert fin.error_code == "OVERLOADED" and fin.frames > 0
+        small = Request(text="Hi.", voice=voices["xvec_a"], max_frames=3, sampling=greedy(tiny_model),
+                        request_id="small")
+        _, fin = run_all(eng, [small], timeout=60)[0]
+        assert fin.frames == 3 and eng.blocks.num_used == 0
+    finally:
+        eng.shutdown()
