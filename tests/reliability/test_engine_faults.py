@@ -4,8 +4,8 @@ With the fake engine: a request whose stream raises midway fails alone (SYNTHESI
 session goes on), every other stream is complete and correct, every block is freed. A stuck
 engine turns /health 503 so an orchestrator restarts the replica.
 
-With the real engine: an exception while admitting one request fails it alone (engine fix
-9c8a196); one in a step that batches it with others should too (XFAIL until engine/ isolates it).
+With the real engine: an exception while admitting one request fails it alone; one in a step that
+batches it with others should too (XFAIL until engine/ isolates it: today its batchmates fail).
 """
 
 from __future__ import annotations
@@ -126,14 +126,12 @@ async def test_real_engine_request_raising_at_admission_fails_alone(tiny_engine_
     await real_engine_isolation(tiny_engine_shared, monkeypatch, report, "admission")
 
 
-@pytest.mark.xfail(reason="engine bug: a step that raises fails every request batched in it (Engine._loop), so one "
-                          "bad request fails its batchmates' utterances too; and failing a request that has no frame "
-                          "yet raises in Engine._finish (see engine_bugs.KNOWN), which kills the engine thread",
-                   strict=False)
+@pytest.mark.xfail(reason="engine limitation: a step that raises fails every request batched in it (Engine._loop), "
+                          "so one bad request fails its batchmates' utterances too", strict=False)
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_real_engine_request_raising_in_a_step_fails_alone(tmp_path, monkeypatch, report):
-    engine = tiny_engine(tmp_path)  # its own: today the failure kills the engine thread
+    engine = tiny_engine(tmp_path)  # its own: the injected failure must not touch the shared one
     try:
         await real_engine_isolation(engine, monkeypatch, report, "step")
     finally:

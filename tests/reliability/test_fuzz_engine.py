@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from server import protocol as P
 from tests.reliability.bgserver import BackgroundServer
-from tests.reliability.engine_bugs import xfail_if_known_bugs_seen
 from tests.reliability.fuzzprobe import check_message
 from tests.reliability.inproc import VOICE
 from tests.reliability.strategies import dumps, surrogates
@@ -91,7 +90,6 @@ def fuzz_engine(server, n: int, report) -> None:
                    "left_over": sum(left.values())})
     assert not server.errors.records, server.errors.records[:3]
     assert not any(left.values()), left
-    xfail_if_known_bugs_seen(server.errors.known)
 
 
 @pytest.mark.timeout(120)
