@@ -249,11 +249,9 @@ class Engine:
             return
         try:
             outputs = self.runner.step(plan)
-        except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("engine step failed")
-            for it in plan.decodes + plan.prefills:
-                self._finish(it.state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
-            return
+        except Exception:  # a failed step fails the request that caused it, never its batchmates
+            log.exception("engine step failed; retrying its requests one by one")
+            outputs = self._step_one_by_one(plan)
         t2 = time.perf_counter()
         st = self._step_times
         st["steps"] += 1
@@ -262,6 +260,20 @@ class Engine:
         if self._codec_job is not None:
             self._complete_codec_job()  # step N-1's audio, decoded while step N ran
         self._hand_to_codec(plan, outputs)
+
+    def _step_one_by_one(self, plan: Plan) -> list[FrameOutput]:
+        """After a failed batched step: run each request alone; those that still fail are finished
+        with SYNTHESIS_ERROR, the others go on as if nothing happened."""
+        outputs: list[FrameOutput] = []
+        singles = [Plan(decodes=[it]) for it in plan.decodes] + [Plan(prefills=[it]) for it in plan.prefills]
+        for single in singles:
+            try:
+                outputs += self.runner.step(single)
+            except Exception as e:
+                state = (single.decodes + single.prefills)[0].state
+                log.error("request %s failed alone: %s: %s", state.request_id, type(e).__name__, e)
+                self._finish(state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
+        return outputs
 
     def _hand_to_codec(self, plan: Plan, outputs: list[FrameOutput]) -> None:
         """After a step: mark completed prefills, retire finished requests (their KV blocks are freed

@@ -82,15 +82,23 @@ class Runner:
         ready_states, ready_rows = [], []
         for index, (it, end) in enumerate(zip(items, ends.tolist(), strict=True)):
             st = it.state
-            if index >= len(plan.decodes):  # a prefill chunk: a frame only once the prompt is in
-                st.num_computed += it.num_rows
-                if st.num_computed < st.num_rows:
-                    continue
+            if index >= len(plan.decodes) and st.num_computed + it.num_rows < st.num_rows:
+                continue  # a prefill chunk: a frame only once the whole prompt is in
             ready_states.append(st)
             ready_rows.append(end)
-        if not ready_states:
-            return []
-        return self._sample_frames(ready_states, hidden[ready_rows])
+        # A failed step leaves its requests as they were (K/V rewrites are idempotent), so the
+        # engine can retry them one by one to find the culprit: samplers are restored, and prefill
+        # progress is only counted once the step has succeeded.
+        snapshots = [(st, st.generator.get_state()) for st in ready_states if st.generator is not None]
+        try:
+            outputs = self._sample_frames(ready_states, hidden[ready_rows]) if ready_states else []
+        except BaseException:
+            for st, rng in snapshots:
+                st.generator.set_state(rng)
+            raise
+        for it in plan.prefills:
+            it.state.num_computed += it.num_rows
+        return outputs
 
     # ---- frames ------------------------------------------------------------------------------
     def _sample_frames(self, states: list[RequestState], hidden: torch.Tensor) -> list[FrameOutput]:

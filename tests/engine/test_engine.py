@@ -246,3 +246,29 @@ def test_a_request_the_pool_cannot_hold_fails_alone_and_the_engine_goes_on(tiny_
         assert fin.frames == 3 and eng.blocks.num_used == 0
     finally:
         eng.shutdown()
+
+
+def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch):
+    eng = Engine(tiny_model, EngineConfig(num_kv_blocks=256, chunk_frames=(2,)))
+    real = eng.runner._sample_frames
+
+    def poisoned(states, hidden):
+        if any("POISON" in st.request.text for st in states) and len(states[0].frames) >= 2:
+            raise RuntimeError("injected failure")
+        return real(states, hidden)
+
+    monkeypatch.setattr(eng.runner, "_sample_frames", poisoned)
+    try:
+        reqs = [Request(text=TEXTS[i], voice=voices["xvec_a" if i % 2 else "icl_b"], max_frames=8,
+                        sampling=tiny_model.sampling(seed=i), request_id=f"h{i}") for i in range(3)]
+        reqs.append(Request(text="POISON pill.", voice=voices["xvec_b"], max_frames=8, request_id="poison",
+                            sampling=greedy(tiny_model)))
+        results = run_all(eng, reqs)
+        for req, (_, fin) in zip(reqs[:3], results[:3], strict=True):
+            alone = tiny_model.synthesize(req.text, req.voice, req.language, req.sampling, req.max_frames)
+            assert np.array_equal(fin.codes, alone.codes.numpy()), req.request_id  # samplers were restored
+        poison = results[3][1]
+        assert poison.stop_reason == StopReason.ERROR and poison.error_code == "SYNTHESIS_ERROR"
+        assert eng.blocks.num_used == 0 and eng._thread.is_alive()
+    finally:
+        eng.shutdown()
