@@ -77,6 +77,14 @@ def _lying_wav() -> bytes:
 
 
 CLIPS = [_clip("WAV"), _clip("FLAC"), _clip("OGG", "VORBIS"), _clip("WAV", "FLOAT", channels=2)]
+
+
+def loud_float_wav(peak: float = 1e30) -> bytes:
+    """A valid float WAV whose samples are finite but absurd: it passes decoding, not the voice."""
+    buf = io.BytesIO()
+    sf.write(buf, (peak * np.sin(np.arange(16000) * 0.05)).astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
 # 50 KB that decodes to 1.4 GB: 29 s of silence in 255 channels at 48 kHz, Ogg Vorbis. Kept as a file
 # because encoding it takes 16 s: _silence("OGG", 29, sr=48000, channels=255, subtype="VORBIS").
 OGG_255 = Path(__file__).parent / "data" / "ogg-vorbis-255ch-48k-29s-silence.ogg"

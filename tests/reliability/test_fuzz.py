@@ -213,6 +213,9 @@ def test_fuzz_thorough(server, case: Case, report) -> None:
 
 # ---- fixed hostile inputs: limits at and over their edge, and the bombs ---------------------------
 HUGE = [
+    ("reference_samples_at_1e30", [S.dumps({"type": "start", "voice": {"ref_audio": S.b64(S.loud_float_wav()),
+                                                                       "x_vector_only": True}})], None,
+     [P.INVALID_AUDIO]),
     ("text_over_limit", [S.dumps({"type": "speak", "text": "a" * 4097})], START, [P.TEXT_TOO_LONG]),
     ("text_100k", [S.dumps({"type": "speak", "text": "a" * 100_000})], START, [P.TEXT_TOO_LONG]),
     ("id_200_chars", [S.dumps({"type": "speak", "id": "i" * 200, "text": "Hi."})], START, [P.INVALID_MESSAGE]),

@@ -19,7 +19,7 @@ from server import protocol as P
 from tests.reliability.bgserver import BackgroundServer
 from tests.reliability.fuzzprobe import check_message
 from tests.reliability.inproc import VOICE
-from tests.reliability.strategies import dumps, surrogates
+from tests.reliability.strategies import b64, dumps, loud_float_wav, surrogates
 
 edges = st.sampled_from
 sampling = st.fixed_dictionaries({}, optional={
@@ -101,3 +101,25 @@ def test_fuzz_real_engine(server, report) -> None:
 @pytest.mark.timeout(280)
 def test_fuzz_real_engine_thorough(server, report) -> None:
     fuzz_engine(server, 1500, report)
+
+
+@pytest.mark.timeout(60)
+def test_a_reference_clip_far_outside_range_is_refused_and_others_go_on(server, report) -> None:
+    """A float WAV at 1e30 decodes fine but gives a NaN speaker embedding; used, it would make the
+    logits NaN and fail the engine step (and the requests batched with it). It must be refused."""
+    url = server.url + "/api/v1/speak"
+    loud = {"type": "start", "voice": {"ref_audio": b64(loud_float_wav()), "x_vector_only": True}}
+
+    async def both() -> tuple[str, str]:
+        async def refused() -> str:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+                await ws.send_str(dumps(loud))
+                return (await ws.receive_json())["code"]
+
+        return await asyncio.gather(refused(), utterance(url, {"type": "start", "voice": VOICE, "max_frames": 3},
+                                                         "Still here."))
+
+    code, other = asyncio.run(asyncio.wait_for(both(), 30))
+    report.update({"loud_reference": code, "concurrent_utterance": other, "crashes": len(server.errors.records)})
+    assert code == P.INVALID_AUDIO and other == "complete"
+    assert not server.errors.records, server.errors.records[:3]
