@@ -4,8 +4,8 @@ With the fake engine: a request whose stream raises midway fails alone (SYNTHESI
 session goes on), every other stream is complete and correct, every block is freed. A stuck
 engine turns /health 503 so an orchestrator restarts the replica.
 
-With the real engine: an exception while admitting one request fails it alone; one in a step that
-batches it with others should too (XFAIL until engine/ isolates it: today its batchmates fail).
+With the real engine: an exception while admitting one request, or in a step that batches it
+with others (the engine retries the batchmates one by one), fails that request alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.reliability.client import problem, reference_audio, run_session
-from tests.reliability.inproc import VOICE, live, settle, tiny_engine
+from tests.reliability.inproc import VOICE, live, settle
 from tests.server.fake_engine import FakeEngine
 
 POISON = "POISON"
@@ -126,16 +126,10 @@ async def test_real_engine_request_raising_at_admission_fails_alone(tiny_engine_
     await real_engine_isolation(tiny_engine_shared, monkeypatch, report, "admission")
 
 
-@pytest.mark.xfail(reason="engine limitation: a step that raises fails every request batched in it (Engine._loop), "
-                          "so one bad request fails its batchmates' utterances too", strict=False)
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-async def test_real_engine_request_raising_in_a_step_fails_alone(tmp_path, monkeypatch, report):
-    engine = tiny_engine(tmp_path)  # its own: the injected failure must not touch the shared one
-    try:
-        await real_engine_isolation(engine, monkeypatch, report, "step")
-    finally:
-        engine.shutdown()
+async def test_real_engine_request_raising_in_a_step_fails_alone(tiny_engine_shared, monkeypatch, report):
+    await real_engine_isolation(tiny_engine_shared, monkeypatch, report, "step")
 
 
 async def real_engine_isolation(engine, monkeypatch, report, where: str) -> None:
