@@ -69,6 +69,8 @@ class TTSModel:
             raise ValueError("ICL voice cloning needs the reference transcript (or use x-vector-only mode)")
         wave = torch.from_numpy(np.ascontiguousarray(audio_24k, dtype=np.float32)).to(self.device)
         speaker = self.tts.speaker_encoder.embed(wave).float()  # mel from fp32 audio, as official
+        if not torch.isfinite(speaker).all():
+            raise ValueError("the reference audio gives a non-finite speaker embedding (is it really audio?)")
         if x_vector_only:
             return VoicePrompt(speaker_embedding=speaker)
         codes = self.speech_tokenizer.encode(wave)

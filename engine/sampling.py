@@ -14,6 +14,7 @@ g, then the talker draw for frame g+1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,6 +49,12 @@ class SamplingParams:
         return replace(self, do_sample=False, subtalker_do_sample=False)
 
     def validate(self) -> None:
+        floats = (self.temperature, self.top_p, self.repetition_penalty, self.subtalker_temperature,
+                  self.subtalker_top_p)
+        if not all(math.isfinite(v) for v in floats):
+            raise ValueError("sampling values must be finite numbers")  # NaN/inf logits fail the step
+        if not (0 <= self.top_k < 2**31 and 0 <= self.subtalker_top_k < 2**31):
+            raise ValueError("top_k must be in [0, 2**31)")
         if self.temperature <= 0 or self.subtalker_temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.top_k < 0 or self.subtalker_top_k < 0:
