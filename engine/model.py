@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.audio import AudioError
 from engine.checkpoint import build_on_meta, load_strict, resolve_model
 from engine.config import ModelConfig
 from engine.generate import GenerationResult, Trace, default_max_frames, generate_codes
@@ -70,7 +71,8 @@ class TTSModel:
         wave = torch.from_numpy(np.ascontiguousarray(audio_24k, dtype=np.float32)).to(self.device)
         speaker = self.tts.speaker_encoder.embed(wave).float()  # mel from fp32 audio, as official
         if not torch.isfinite(speaker).all():
-            raise ValueError("the reference audio gives a non-finite speaker embedding (is it really audio?)")
+            raise AudioError("INVALID_AUDIO", "the reference audio gives a non-finite speaker embedding "
+                                              "(samples far outside [-1, 1]?)")
         if x_vector_only:
             return VoicePrompt(speaker_embedding=speaker)
         codes = self.speech_tokenizer.encode(wave)

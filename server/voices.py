@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.api import EngineError, TTSEngine
 from engine.audio import SAMPLE_RATE, AudioError, load_audio_24k
@@ -99,13 +98,10 @@ async def make_prompt(engine: TTSEngine, audio: bytes, ref_text: str | None, x_v
         prompt = await engine.make_voice(wave, ref_text, x_vector_only)
     except EngineError as e:
         raise P.ProtocolError(P.ENGINE_ERROR_CODES.get(e.code, P.SYNTHESIS_ERROR), str(e)) from e
+    except AudioError as e:  # audio that decodes but cannot be a voice (a float WAV at 1e20: NaN x-vector)
+        raise P.ProtocolError(P.AUDIO_ERROR_CODES.get(e.code, P.INVALID_AUDIO), str(e)) from e
     except ValueError as e:  # the engine's own input checks (e.g. ICL without a transcript)
         raise P.ProtocolError(P.INVALID_MESSAGE, str(e)) from e
-    # Finite but absurd samples (a float WAV at 1e20) give a NaN speaker embedding, which makes the
-    # engine's logits NaN and fails the step the request is batched in: refuse the voice instead.
-    if not torch.isfinite(prompt.speaker_embedding).all():
-        raise P.ProtocolError(P.INVALID_AUDIO, "the reference audio gives a non-finite speaker embedding (samples far "
-                                               "outside [-1, 1]?)")
     return prompt, len(wave) / SAMPLE_RATE
 
 
