@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.api import AudioChunk, EngineError, EngineStats, Finished, Request, StopReason
+from engine.audio import AudioError
 from engine.voice import VoicePrompt
 
 SAMPLES_PER_FRAME = 1920
@@ -104,6 +105,8 @@ class FakeEngine:
         await asyncio.sleep(self.voice_delay)
         self.voices_made += 1
         emb = torch.tensor([float(audio_24k.mean()), float(audio_24k.std()), float(len(audio_24k))])
+        if not torch.isfinite(emb).all():  # as the real engine: such audio cannot be a voice
+            raise AudioError("INVALID_AUDIO", "the reference audio gives a non-finite speaker embedding")
         if x_vector_only:
             return VoicePrompt(speaker_embedding=emb)
         return VoicePrompt(speaker_embedding=emb, ref_codes=torch.zeros(3, 16, dtype=torch.int64),
