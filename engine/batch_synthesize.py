@@ -97,11 +97,8 @@ def run_requests(engine: Engine, requests_file: Path, out_dir: Path, stagger_ms:
             if key not in voices:
                 audio = load_audio_24k(ref, max_seconds=MAX_REFERENCE_SECONDS)
                 voices[key] = model.voice_prompt(audio, s.get("ref_text"), bool(s.get("x_vector_only")))
-            sampling = model.sampling(greedy=bool(s.get("greedy")), seed=s.get("seed"),
-                                      temperature=s.get("temperature"), top_k=s.get("top_k"), top_p=s.get("top_p"),
-                                      repetition_penalty=s.get("repetition_penalty"),
-                                      subtalker_temperature=s.get("temperature"), subtalker_top_k=s.get("top_k"),
-                                      subtalker_top_p=s.get("top_p"))
+            sampling = model.sampling_from_options(bool(s.get("greedy")), s.get("seed"), s.get("temperature"),
+                                                   s.get("top_k"), s.get("top_p"), s.get("repetition_penalty"))
         except (AudioError, ValueError, OSError) as e:
             errors.append(f"line {line.number}: {e}")
             continue

@@ -57,10 +57,8 @@ def voice_from_reference(model: TTSModel, req: SynthesisRequest) -> VoicePrompt:
 def run(model: TTSModel, req: SynthesisRequest) -> dict:
     check_request(model, req)
     voice = voice_from_reference(model, req)
-    params = model.sampling(greedy=req.greedy, seed=req.seed, temperature=req.temperature, top_k=req.top_k,
-                            top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                            subtalker_temperature=req.temperature, subtalker_top_k=req.top_k,
-                            subtalker_top_p=req.top_p)
+    params = model.sampling_from_options(req.greedy, req.seed, req.temperature, req.top_k, req.top_p,
+                                         req.repetition_penalty)
     if params.seed is None and not req.greedy:
         # Record the seed we drew so any run can be repeated with --seed.
         params = replace(params, seed=int(torch.seed() % 2**31))
