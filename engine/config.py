@@ -375,7 +375,10 @@ class EngineConfig:
     cpu_threads: int | None = 1  # None: leave torch's default
     block_size: int = 16  # KV positions per block; small blocks waste little on short TTS turns
     num_kv_blocks: int | None = None  # None: from kv_cache_gb
-    kv_cache_gb: float = 1.0  # memory for the talker's paged KV pool when num_kv_blocks is None
+    # Memory for the talker's paged KV pool when num_kv_blocks is None. None: 1 GB on CPU (~18k
+    # positions in fp32, plenty for the few sessions a CPU serves); on CUDA half the free memory after
+    # loading, at most 16 GB (~145k positions in bf16: 128 sessions of a minute of audio each).
+    kv_cache_gb: float | None = None
     max_running: int = 64  # sessions decoded together in one step
     max_batched_tokens: int = 512  # token budget per step: decodes first, then prefill chunks
     # Chunk schedule in frames (80 ms each): small first chunks for time to first audio, larger ones
@@ -385,3 +388,6 @@ class EngineConfig:
     frames_per_text_token: int = 12  # runaway guard: cap = min_frame_cap + this x text tokens
     min_frame_cap: int = 40
     max_sequence_len: int = 8192  # prompt + frames a request may occupy in the KV cache
+    # On CUDA, replay decode steps of up to max_running sessions from CUDA graphs (engine/cuda_graphs.py);
+    # off for debugging or to measure what the graphs buy. Ignored on CPU, which runs eagerly.
+    cuda_graphs: bool = True

@@ -26,6 +26,7 @@ from engine.api import AudioChunk, EngineError, EngineStats, Finished, Request, 
 from engine.block_manager import BlockManager
 from engine.codec_stream import CodecStream
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.generate import default_max_frames
 from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
@@ -65,12 +66,15 @@ class Engine:
             torch.set_num_threads(self.cfg.cpu_threads)  # process-wide: the engine owns the compute
         talker_cfg = model.cfg.talker.transformer
         num_blocks = self.cfg.num_kv_blocks or max(
-            16, int(self.cfg.kv_cache_gb * 2**30 // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,
-                                                                                 model.dtype)))
+            16, int(self._kv_cache_bytes() // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,
+                                                                            model.dtype)))
         self.blocks = BlockManager(num_blocks, self.cfg.block_size)
         self.kv = PagedKVCache(talker_cfg, num_blocks, self.cfg.block_size, model.dtype, model.device)
         self.scheduler = Scheduler(self.cfg, self.blocks)
-        self.runner = Runner(model.tts.talker, self.kv, self.blocks)
+        graphs = None
+        if model.device.type == "cuda" and self.cfg.cuda_graphs:
+            graphs = DecodeGraphs(model.tts.talker, self.kv, self.cfg.max_running, self.cfg.max_sequence_len)
+        self.runner = Runner(model.tts.talker, self.kv, self.blocks, graphs)
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
                                  model.cfg.speech_tokenizer.samples_per_frame)
         # The codec stage runs on its own thread, one step behind the model: while it decodes
@@ -91,6 +95,14 @@ class Engine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="makima-engine", daemon=True)
         self._thread.start()
+
+    def _kv_cache_bytes(self) -> float:
+        if self.cfg.kv_cache_gb is not None:
+            return self.cfg.kv_cache_gb * 2**30
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return min(0.5 * free, 16 * 2**30)
+        return 2**30
 
     @classmethod
     def from_model(cls, model: str | Path, cfg: EngineConfig | None = None) -> Engine:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import DecodeGraphs
 from engine.models.talker import Talker
 from engine.paged_context import PagedContext, PagedKVCache
 from engine.request import RequestState
-from engine.sampling import TalkerLogitsProcessor, draw
+from engine.sampling import TalkerLogitsProcessor, draw_rows, predictor_rule, talker_rule
 from engine.scheduler import Plan
 
 
@@ -29,8 +30,9 @@ class FrameOutput:
 
 
 class Runner:
-    def __init__(self, talker: Talker, kv: PagedKVCache, blocks: BlockManager) -> None:
-        self.talker, self.kv, self.blocks = talker, kv, blocks
+    def __init__(self, talker: Talker, kv: PagedKVCache, blocks: BlockManager,
+                 graphs: DecodeGraphs | None = None) -> None:
+        self.talker, self.kv, self.blocks, self.graphs = talker, kv, blocks, graphs
         tcfg = talker.cfg
         self.process = TalkerLogitsProcessor(tcfg.transformer.vocab_size, tcfg.codec.eos)
         self.eos = tcfg.codec.eos
@@ -74,7 +76,11 @@ class Runner:
         items = plan.decodes + plan.prefills
         t0 = time.perf_counter()
         x, ctx = self._talker_batch(plan)
-        hidden = self.talker.model(x, ctx)
+        if self.graphs is not None and not plan.prefills and self.graphs.fits(len(plan.decodes)):
+            hidden = self.graphs.talker_decode(x, ctx)
+        else:
+            hidden = self.talker.model(x, ctx)
+        self._sync()
         # A step with prefill rows is charged to prefill: that is the cost new arrivals add.
         self.timings["prefill_s" if plan.prefills else "talker_s"] += time.perf_counter() - t0
         # The last row of each sequence; only sequences whose rows are all consumed sample a frame.
@@ -100,17 +106,21 @@ class Runner:
             it.state.num_computed += it.num_rows
         return outputs
 
+    def _sync(self) -> None:
+        # CUDA runs ahead of Python: without a sync the phase timings would measure launches only.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- frames ------------------------------------------------------------------------------
     def _sample_frames(self, states: list[RequestState], hidden: torch.Tensor) -> list[FrameOutput]:
         t0 = time.perf_counter()
         logits = self.talker.logits(hidden)  # [B, vocab] fp32
+        histories = [st.history for st in states]
+        logits = self.process(logits, histories, [st.sampling for st in states])
+        drawn = draw_rows(logits, [talker_rule(st.sampling) for st in states], [st.generator for st in states])
         outputs: list[FrameOutput] = []
         keep_states, keep_rows, c0s = [], [], []
-        for i, st in enumerate(states):
-            p = st.sampling
-            history = torch.tensor(st.history, dtype=torch.long, device=self.device)
-            row = self.process(logits[i], history, len(st.frames), p)
-            c0 = draw(row, p.do_sample, p.temperature, p.top_k, p.top_p, st.generator)
+        for i, (st, c0) in enumerate(zip(states, drawn.tolist(), strict=True)):
             if c0 == self.eos:
                 outputs.append(FrameOutput(st, None, last=True))
                 continue
@@ -122,13 +132,13 @@ class Runner:
         if not keep_states:
             return outputs
         codes = self._predict_residual(keep_states, hidden[keep_rows], c0s)
+        self._sync()
         self.timings["predictor_s"] += time.perf_counter() - t1
         frames = torch.cat([torch.tensor(c0s, device=self.device)[:, None], codes], dim=1)  # [B, 16]
-        inputs = self.talker.embed_frames(frames)
-        for i, st in enumerate(keep_states):
-            frame = frames[i].tolist()
+        # The next talker input of each request: its frame's embedding plus its text row for that frame.
+        rows = self.talker.embed_frames(frames) + torch.stack([st.trailing_row(len(st.frames)) for st in keep_states])
+        for st, frame, row in zip(keep_states, frames.tolist(), rows, strict=True):
             st.frames.append(frame)
-            row = inputs[i] + st.trailing_row(len(st.frames) - 1)
             st.frame_rows.append(row)
             st.next_row, st.pending_rows = row, None
             outputs.append(FrameOutput(st, frame, last=len(st.frames) >= st.max_frames))
@@ -137,20 +147,21 @@ class Runner:
     def _predict_residual(self, states: list[RequestState], hidden: torch.Tensor, c0s: list[int]) -> torch.Tensor:
         """Codebooks 1..15 for B frames at once; each row drawn with its request's own sampler."""
         predictor = self.talker.code_predictor
-        ctx = predictor.new_context(batch=len(states))
+        if self.graphs is not None and self.graphs.fits(len(states)):
+            substep = self.graphs.predictor_substep
+        else:
+            ctx = predictor.new_context(batch=len(states))
+
+            def substep(x: torch.Tensor, j: int) -> torch.Tensor:
+                return predictor.step(x, ctx, head=j)
         c0 = torch.tensor(c0s, device=self.device)
         x = torch.stack([hidden, self.talker.embed_codec(c0)], dim=1)  # [B, 2, talker_hidden]
-        greedy = all(not st.sampling.subtalker_do_sample for st in states)
+        rules = [predictor_rule(st.sampling) for st in states]
+        generators = [st.generator for st in states]
         columns = []
         for j in range(predictor.num_residual_codebooks):
-            logits = predictor.step(x, ctx, head=j)  # [B, vocab]
-            if greedy:
-                codes = logits.argmax(dim=-1)
-            else:
-                codes = torch.tensor([
-                    draw(logits[i], p.subtalker_do_sample, p.subtalker_temperature, p.subtalker_top_k,
-                         p.subtalker_top_p, st.generator)
-                    for i, (st, p) in enumerate((s, s.sampling) for s in states)], device=self.device)
+            logits = substep(x, j)  # [B, vocab]
+            codes = draw_rows(logits, rules, generators)
             columns.append(codes)
             if j + 1 < predictor.num_residual_codebooks:
                 x = predictor.model.codec_embedding[j](codes)[:, None]
