@@ -16,7 +16,7 @@ import torch
 
 from engine.models.talker import Talker
 from engine.prompt import Prompt
-from engine.sampling import SamplingParams, TalkerLogitsProcessor, draw
+from engine.sampling import SamplingParams, TalkerLogitsProcessor, draw_rows, predictor_rule, talker_rule
 
 # Frame cap from the text length: ~4 frames (0.32 s) of speech per text token is typical for
 # this model in English and Chinese; the cap allows 3x that plus a floor, so a request that
@@ -61,8 +61,7 @@ def predict_residual_codes(talker: Talker, hidden: torch.Tensor, c0: int, params
         logits = predictor.step(x, ctx, head=j)[0]
         if trace is not None:
             logits_seen.append(logits)
-        code = draw(logits, params.subtalker_do_sample, params.subtalker_temperature, params.subtalker_top_k,
-                    params.subtalker_top_p, generator)
+        code = int(draw_rows(logits[None], [predictor_rule(params)], [generator])[0])
         codes.append(code)
         if j + 1 < predictor.num_residual_codebooks:
             table = predictor.model.codec_embedding[j]
@@ -95,8 +94,8 @@ def generate_codes(talker: Talker, prompt: Prompt, params: SamplingParams, max_f
         logits = talker.logits(hidden)[0]
         if trace is not None:
             trace.talker_logits.append(logits)
-        logits = process(logits, torch.tensor(history, dtype=torch.long, device=device), g, params)
-        c0 = draw(logits, params.do_sample, params.temperature, params.top_k, params.top_p, generator)
+        logits = process(logits[None], [history], [params])
+        c0 = int(draw_rows(logits, [talker_rule(params)], [generator])[0])
         t1 = time.perf_counter()
         result.talker_seconds += t1 - t0
         if c0 == cfg.codec.eos:

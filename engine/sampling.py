@@ -15,6 +15,7 @@ g, then the talker draw for frame g+1.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -65,17 +66,37 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [V]; history: 1-D ids seen so far. Divides positive, multiplies negative scores."""
-    if penalty == 1.0 or history.numel() == 0:
+Rule = tuple[bool, float, int, float]  # (do_sample, temperature, top_k, top_p) of one draw
+
+
+def talker_rule(p: SamplingParams) -> Rule:
+    return p.do_sample, p.temperature, p.top_k, p.top_p
+
+
+def predictor_rule(p: SamplingParams) -> Rule:
+    return p.subtalker_do_sample, p.subtalker_temperature, p.subtalker_top_k, p.subtalker_top_p
+
+
+def apply_repetition_penalty(logits: torch.Tensor, histories: Sequence[Sequence[int]],
+                             penalties: Sequence[float]) -> torch.Tensor:
+    """logits [B, V]; row b's ids seen so far and its penalty. Divides positive, multiplies negative
+    scores (each seen id once, however often it was seen). Returns a new tensor."""
+    logits = logits.clone()
+    rows = [b for b, (seen, p) in enumerate(zip(histories, penalties, strict=True)) if p != 1.0 and seen]
+    if not rows:
         return logits
-    scores = logits.gather(0, history)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(0, history, scores)
+    row_ids = torch.tensor([b for b in rows for _ in histories[b]], device=logits.device)
+    col_ids = torch.tensor([i for b in rows for i in histories[b]], device=logits.device)
+    penalty = torch.tensor([penalties[b] for b in rows for _ in histories[b]], dtype=logits.dtype,
+                           device=logits.device)
+    scores = logits[row_ids, col_ids]
+    logits[row_ids, col_ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k (ties with the k-th kept), then top-p; masked entries → −inf."""
+    """Temperature, then top-k (ties with the k-th kept), then top-p, per row of ``[..., V]``; masked
+    entries → −inf. Every op works row by row, so a row's result does not depend on the others."""
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -90,27 +111,42 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
     return logits
 
 
-def draw(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-         generator: torch.Generator | None) -> int:
-    """One token from 1-D fp32 logits."""
-    if not do_sample:
-        return int(torch.argmax(logits))
-    probs = warp(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def draw_rows(logits: torch.Tensor, rules: Sequence[Rule],
+              generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of fp32 logits ``[B, V]`` → int64 ``[B]`` on the logits' device, with no host sync.
+
+    Rows that share a rule are warped together (one batched op instead of B); each sampled row then
+    draws with its own generator, so its token depends only on its logits and its own seed."""
+    picks: list[torch.Tensor | None] = [None] * logits.shape[0]
+    groups: dict[Rule, list[int]] = {}
+    for row, rule in enumerate(rules):
+        groups.setdefault(rule, []).append(row)
+    for (do_sample, temperature, top_k, top_p), rows in groups.items():
+        part = logits if len(rows) == logits.shape[0] else logits[rows]
+        if not do_sample:  # greedy: the warpers never change the argmax
+            chosen = part.argmax(dim=-1)
+            for i, row in enumerate(rows):
+                picks[row] = chosen[i:i + 1]
+            continue
+        probs = warp(part, temperature, top_k, top_p).softmax(dim=-1)
+        for i, row in enumerate(rows):
+            picks[row] = torch.multinomial(probs[i], 1, generator=generators[row])
+    return torch.cat(picks)
 
 
 class TalkerLogitsProcessor:
-    """Masks and penalties on codebook-0 logits before the draw (steps 1–3 of the order)."""
+    """Masks and penalties on codebook-0 logits before the draw (steps 1–3 of the order), batched."""
 
     def __init__(self, vocab_size: int, eos_id: int) -> None:
         self.eos_id = eos_id
         self.suppressed = torch.tensor([i for i in range(vocab_size - 1024, vocab_size) if i != eos_id])
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor, frame_index: int,
-                 params: SamplingParams) -> torch.Tensor:
-        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-        logits = logits.clone()
-        if frame_index < MIN_NEW_TOKENS:
-            logits[self.eos_id] = float("-inf")
-        logits[self.suppressed.to(logits.device)] = float("-inf")
+    def __call__(self, logits: torch.Tensor, histories: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+                 ) -> torch.Tensor:
+        """logits [B, V]; row b has generated ``len(histories[b])`` frames with these codebook-0 ids."""
+        logits = apply_repetition_penalty(logits, histories, [p.repetition_penalty for p in params])
+        early = [b for b, seen in enumerate(histories) if len(seen) < MIN_NEW_TOKENS]
+        if early:
+            logits[early, self.eos_id] = float("-inf")
+        logits[:, self.suppressed.to(logits.device)] = float("-inf")
         return logits
