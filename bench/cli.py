@@ -79,6 +79,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=_ints, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run every step eagerly (to compare)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.md")
@@ -184,7 +185,8 @@ def _engine(args: argparse.Namespace) -> int:
     from bench import engine_steps
     from bench.report import engine_markdown, provenance, write_report
 
-    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device, args.threads)
+    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device, args.threads,
+                                  cuda_graphs=not args.no_cuda_graphs)
     report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)

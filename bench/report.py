@@ -399,7 +399,11 @@ def engine_markdown(report: dict) -> str:
     if "cuda_max_allocated_gb" in report:
         mem += f", CUDA max allocated {report['cuda_max_allocated_gb']:.2f} GB"
     threads = f"{report['threads']} torch thread{'s' if report['threads'] != 1 else ''}"
-    facts = [("model", report["model"]), ("device", f"{report['device']}, {threads}"),
+    device = f"{report['device']}, {threads}"
+    if report["device"] == "cuda":
+        device += ", decode steps from CUDA graphs" if report.get("cuda_graphs") else ", eager (no CUDA graphs)"
+    facts = [("model", report["model"]), ("device", device),
+             ("start-up", f"{report.get('startup_s', float('nan')):.1f} s to load (and capture graphs)"),
              ("work", f"each session {report.get('frames_per_request', '?')} frames, greedy, x-vector voice"),
              ("memory", mem)]
     note = ("TTFA here is inside the engine (submit → first audio chunk), without the server or network. "

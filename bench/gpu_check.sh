@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The checks only a GPU can run, as one prepared script for a short GPU lease.
+#
+#   bench/gpu_check.sh OUT_DIR [STEP ...]     steps: env kernels kernel-bench engine full full-eager
+#                                             serve (default: all)
+#
+# ARCHIVE=FILE also packs OUT_DIR into FILE (tar.gz) after every step, for a lease that returns few files.
+# Each step has its own time limit and writes its log under OUT_DIR, so a slow step costs only itself.
+# It runs from the repository root with the machine's own python3 (torch, triton, aiohttp preinstalled);
+# extra wheels in .whl/ (soundfile, soxr) are installed to /tmp/site first when present.
+set -u
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
+shift
+steps=${*:-env kernels kernel-bench engine full full-eager serve}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+full=${FULL_CHECKPOINT:-/tmp/full}
+gpu=$(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')
+
+run() {  # run NAME SECONDS CMD...: time-limited, logged, never stops the script
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "== $name: exit $? in $((SECONDS - t0)) s"
+    tail -n 6 "$out/$name.log"
+}
+
+for step in $steps; do
+    case $step in
+    env)
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+                    torch.cuda.get_device_name())'
+        ;;
+    kernels)
+        run kernel_tests "${KERNEL_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/kernels ${KERNEL_TEST_ARGS:---runslow}
+        ;;
+    kernel-bench)
+        run bench_kernels 150 python3 -m bench.kernels ${BENCH_KERNEL_ARGS:-} --json "$out/bench_kernels.json"
+        ;;
+    engine)
+        run engine_cuda_tests "${ENGINE_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider \
+            tests/engine/test_cuda.py tests/engine/test_cuda_graphs.py
+        ;;
+    full | full-eager)
+        [ -f "$full/model.safetensors" ] ||
+            run make_full 180 python3 -m server.cli make-random-checkpoint "$full" --preset 0.6b-base
+        graphs=() name=engine
+        [ "$step" = full-eager ] && graphs=(--no-cuda-graphs) name=engine-eager
+        run "bench_$name" "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \
+            --device "${DEVICE:-cuda}" "${graphs[@]}" --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
+            --out "$out/$name" --note "random 0.6b-base weights, default dtype, $gpu"
+        ;;
+    serve)
+        python3 -m server.cli serve --model "$full" --device "${DEVICE:-cuda}" --port 8123 --max-sessions 128 \
+            --voices-dir /tmp/voices >"$out/server.log" 2>&1 &
+        server=$!
+        run bench_serve "${SERVE_LIMIT:-300}" python3 -m server.cli bench serve --url ws://127.0.0.1:8123 \
+            --concurrency "${CONCURRENCY:-1,8,32,64}" --duration "${DURATION:-20}" --out "$out/serve" \
+            --note "makima-tts serve --model <random 0.6b-base> --device ${DEVICE:-cuda} on the same machine, $gpu"
+        kill $server; sleep 2; kill -9 $server 2>/dev/null; wait $server 2>/dev/null
+        ;;
+    *) echo "unknown step $step" ;;
+    esac
+    [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$out" .
+done
