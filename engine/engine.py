@@ -95,6 +95,32 @@ class Engine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="makima-engine", daemon=True)
         self._thread.start()
+        if model.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """A few 2-frame requests at batch sizes 1, 3 and 16, so Triton compiles the prefill variants it
+        specialises on the batch (1, a multiple of 16, other) now rather than during the first users'
+        time to first audio: on an H200 a first 8-session prefill took 0.8 s instead of 0.05 s."""
+        voice = VoicePrompt(speaker_embedding=torch.zeros(self.model.cfg.speaker_encoder.enc_dim))
+        greedy = self.model.sampling(greedy=True)
+
+        async def batch(n: int) -> None:
+            requests = [Request(text="Warming up." * (1 + i % 3), voice=voice, sampling=greedy, max_frames=2,
+                                request_id=f"warm-up-{n}-{i}") for i in range(n)]
+            await asyncio.gather(*(self._drain(r) for r in requests))
+
+        async def main() -> None:
+            for n in (1, 3, 16):
+                await batch(n)
+
+        # Its own thread and loop: callable from synchronous code and from inside a running loop alike.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, main()).result()
+
+    async def _drain(self, request: Request) -> None:
+        async for _ in self.submit(request):
+            pass
 
     def _kv_cache_bytes(self) -> float:
         if self.cfg.kv_cache_gb is not None:

@@ -272,3 +272,15 @@ def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypa
         assert eng.blocks.num_used == 0 and eng._thread.is_alive()
     finally:
         eng.shutdown()
+
+
+def test_warm_up_runs_every_batch_shape_and_leaves_nothing(tiny_model, engine):
+    before = engine.stats()
+    engine.warm_up()  # CUDA engines run this when constructed; here it must also work from inside a loop
+
+    async def inside_a_loop():
+        engine.warm_up()
+    asyncio.run(inside_a_loop())
+    after = engine.stats()
+    assert engine.blocks.num_used == 0
+    assert after.frames_generated - before.frames_generated == 2 * 2 * (1 + 3 + 16)
