@@ -55,3 +55,25 @@ def test_draw_rows_gives_each_row_what_it_would_get_alone():
     other[2] = torch.Generator().manual_seed(999)
     changed = draw_rows(logits, rules, other).tolist()
     assert changed[:2] + changed[3:] == together[:2] + together[3:]
+
+
+@pytest.mark.parametrize("vocab", [7, 2048, 3072])
+def test_draw_rows_draws_what_torch_multinomial_draws(vocab):
+    """The official code samples with torch.multinomial; our batched draw must give the same tokens
+    from the same generator state, call after call."""
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    logits[:, 1::3] = float("-inf")
+    rule = (True, 1.0, 0, 1.0)
+    for row in range(4):
+        ours, theirs = torch.Generator().manual_seed(row), torch.Generator().manual_seed(row)
+        probs = logits[row].softmax(dim=-1)
+        got = [int(draw_rows(logits[row:row + 1], [rule], [ours])[0]) for _ in range(20)]
+        want = [int(torch.multinomial(probs, 1, generator=theirs)) for _ in range(20)]
+        assert got == want
+
+
+def test_draw_rows_refuses_non_finite_logits():
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        draw_rows(logits, [(True, 1.0, 0, 1.0)] * 2, [None, None])
