@@ -28,6 +28,13 @@ cut the reference part". The transformer sees the whole reference; the convoluti
 the last few frames its state can depend on (:func:`vocode_history_frames`), which gives the
 same state for a fraction of the cost.
 
+Deadline flush: the schedule's larger chunks assume generation runs at least twice as fast as
+playback (a chunk of n frames must be made while the n/2 before it play). When it does not, a
+stream sends what it has as soon as waiting for the full chunk would let its listener's buffer
+(audio sent minus time since the first chunk) run dry, judged from the measured time per step.
+So a stream underruns only if generation is slower than real time, not whenever it is below 2x
+(and when it is slower than real time, the schedule stands: small chunks would only cost more).
+
 Equality: every generated frame yields exactly ``samples_per_frame`` samples, equal (to float
 rounding, ≤ 1e-5) to the one-pass ``CodecDecoder.forward`` over reference + generated codes,
 for any chunk schedule. The official ``decode`` is ``chunked_decode(300, 25)``: it restarts
@@ -39,7 +46,9 @@ chunk seams and this stream follows the one-pass decode, the exact causal answer
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,18 +211,24 @@ class _Stream:
     pending: list[list[int]] = field(default_factory=list)  # generated, not decoded (= not sent) yet
     emitted: int = 0  # generated frames already sent
     chunks_sent: int = 0
+    first_sent_at: float | None = None  # when the first chunk left: the listener's playback clock
 
 
 class CodecStream:
     """Per-request chunking over one :class:`StreamingDecoder` (the engine's codec stage)."""
 
-    def __init__(self, tokenizer: SpeechTokenizer, chunk_frames: tuple[int, ...], samples_per_frame: int) -> None:
+    def __init__(self, tokenizer: SpeechTokenizer, chunk_frames: tuple[int, ...], samples_per_frame: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if samples_per_frame != tokenizer.decoder.samples_per_frame:
             raise ValueError(f"the codec makes {tokenizer.decoder.samples_per_frame} samples per frame, "
                              f"not {samples_per_frame}")
         self.tokenizer = tokenizer
         self.chunk_frames = chunk_frames
         self.samples_per_frame = samples_per_frame
+        self.frame_seconds = samples_per_frame / tokenizer.cfg.sample_rate
+        self.clock = clock
+        self.step_seconds: float | None = None  # moving average of the time between collects (one step)
+        self._last_collect: float | None = None
         self.decoder = StreamingDecoder(tokenizer.decoder, tokenizer.device)
         self.streams: dict[str, _Stream] = {}
 
@@ -234,13 +249,31 @@ class CodecStream:
     def push(self, request_id: str, frame: list[int]) -> None:
         self.streams[request_id].pending.append(frame)
 
-    def _due(self, s: _Stream, final: bool) -> bool:
+    def _due(self, s: _Stream, final: bool, now: float) -> bool:
+        if not s.pending:
+            return False
         size = self.chunk_frames[min(s.chunks_sent, len(self.chunk_frames) - 1)]
-        return len(s.pending) > 0 and (final or len(s.pending) >= size)
+        if final or len(s.pending) >= size:
+            return True
+        if s.first_sent_at is None or self.step_seconds is None or self.step_seconds >= self.frame_seconds:
+            return False  # slower than real time, the listener starves anyway: keep chunks cheap
+        # Waiting for the full chunk costs (size - pending) more steps, and one more to decode and
+        # deliver it: flush now if the listener would run out of audio before that.
+        left = s.emitted * self.frame_seconds - (now - s.first_sent_at)
+        return left < (size - len(s.pending) + 1) * self.step_seconds
+
+    def _time_step(self, now: float) -> None:
+        if self._last_collect is not None:
+            dt = now - self._last_collect
+            self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
+        self._last_collect = now if self.streams else None  # an idle gap is not a step
 
     def collect(self, final_ids: set[str]) -> list[Chunk]:
-        """Decode and return every due chunk (a request in ``final_ids`` flushes whatever it has)."""
-        due = [rid for rid, s in self.streams.items() if self._due(s, rid in final_ids)]
+        """Decode and return every due chunk (a request in ``final_ids`` flushes whatever it has).
+        Called once per engine step: the interval between calls is the step time it plans with."""
+        now = self.clock()
+        self._time_step(now)
+        due = [rid for rid, s in self.streams.items() if self._due(s, rid in final_ids, now)]
         by_count: dict[int, list[str]] = {}
         for rid in due:
             by_count.setdefault(len(self.streams[rid].pending), []).append(rid)
@@ -259,5 +292,7 @@ class CodecStream:
             chunks.append(Chunk(rid, audio[rid], s.emitted, len(s.pending)))
             s.emitted += len(s.pending)
             s.chunks_sent += 1
+            if s.first_sent_at is None:
+                s.first_sent_at = now
             s.pending.clear()
         return chunks

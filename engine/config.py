@@ -382,7 +382,8 @@ class EngineConfig:
     max_running: int = 64  # sessions decoded together in one step
     max_batched_tokens: int = 512  # token budget per step: decodes first, then prefill chunks
     # Chunk schedule in frames (80 ms each): small first chunks for time to first audio, larger ones
-    # later so that per-chunk overhead stays low; the last entry repeats.
+    # later so that per-chunk overhead stays low; the last entry repeats. A stream whose listener would
+    # run dry before its next full chunk gets what is ready early (engine/codec_stream.py).
     chunk_frames: tuple[int, ...] = (1, 2, 4, 8, 12)
     output_queue_chunks: int = 32  # per-request bound; a full queue pauses only that request
     frames_per_text_token: int = 12  # runaway guard: cap = min_frame_cap + this x text tokens

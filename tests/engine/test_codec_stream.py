@@ -22,6 +22,17 @@ def tok(tiny_model) -> SpeechTokenizer:
     return tiny_model.speech_tokenizer
 
 
+class FakeClock:
+    """Each reading is one step later: a codec stream's notion of time, made deterministic."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.now = step, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def random_codes(frames: int, seed: int, size: int = 64) -> torch.Tensor:
     return torch.randint(0, size, (frames, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -38,7 +49,7 @@ def stream(tok: SpeechTokenizer, requests: dict[str, tuple[torch.Tensor | None, 
            schedule: tuple[int, ...] = SCHEDULE, cs: CodecStream | None = None) -> dict[str, list]:
     """Run requests {id: (ref, gen, first step)} as the engine does: one frame per request per
     step, collect after every step, the last frame's step flushes, close when done."""
-    cs = cs or CodecStream(tok, schedule, SPF)
+    cs = cs or CodecStream(tok, schedule, SPF, clock=FakeClock(0.001))
     chunks: dict[str, list] = {rid: [] for rid in requests}
     for step in range(max(start + len(gen) for _, gen, start in requests.values())):
         finals = set()
@@ -204,3 +215,42 @@ def test_cached_reference_prefill_gives_the_same_audio(tiny_model):
         stream.close(rid)
     assert len(stream.decoder._prefilled) == 1
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def listener_underruns(chunks: list, sample_rate: int) -> int:
+    """Chunks that reach a listener after the audio before them has played out (playback starts with
+    the first chunk; chunk i arrives at the i-th collect that emitted, ``step`` seconds apart)."""
+    late, played_until = 0, None
+    for c in chunks:
+        if played_until is not None and c.arrived > played_until + 1e-9:
+            late += 1
+        start = c.arrived if played_until is None else max(played_until, c.arrived)
+        played_until = start + c.num_frames * SPF / sample_rate
+    return late
+
+
+@pytest.mark.parametrize(("step", "expect_full_chunks"), [(0.01, True), (0.06, False), (0.1, True)])
+def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_ramp(tok, step,
+                                                                                    expect_full_chunks):
+    """At 0.01 s per 80 ms frame the schedule is kept; at 0.06 s (faster than real time, slower than
+    the 2x the doubling ramp needs) chunks go early and no listener starves; at 0.1 s (slower than real
+    time) nothing can keep the listener fed, and the schedule's cheaper large chunks stand."""
+    gen = random_codes(40, seed=11)
+    clock = FakeClock(step)
+    cs = CodecStream(tok, SCHEDULE, SPF, clock=clock)
+    cs.open("a", None)
+    chunks = []
+    for k, frame in enumerate(gen.tolist()):
+        cs.push("a", frame)
+        for c in cs.collect({"a"} if k == len(gen) - 1 else set()):
+            c.arrived = clock.now
+            chunks.append(c)
+    sizes = [c.num_frames for c in chunks]
+    assert sum(sizes) == 40
+    assert np.abs(samples(chunks) - one_pass(tok, gen)).max() <= TOL
+    if expect_full_chunks:
+        check_chunks(chunks, 40, SCHEDULE)
+    else:
+        assert sizes[:4] != [1, 2, 4, 8]
+    if step < SPF / tok.cfg.sample_rate:
+        assert listener_underruns(chunks, tok.cfg.sample_rate) == 0, sizes
