@@ -33,18 +33,20 @@ def weights_read_per_frame(cfg: ModelConfig, bytes_per_weight: int = 4) -> int:
 
 
 def gemv_bandwidth(megabytes: int = 512, repeats: int = 20) -> float:
-    """Bytes/s of an fp32 GEMV whose matrix (default 512 MB) is far larger than any cache."""
+    """Bytes/s of the faster of the two fp32 matrix-vector layouts (``W @ x`` and ``x @ W``) on a
+    matrix (default 512 MB) far larger than any cache: the best a batch-1 frame could stream weights."""
     cols = 4096
     rows = megabytes * 2**20 // (4 * cols)
     w = torch.randn(rows, cols)
-    x = torch.randn(cols)
-    for _ in range(3):
-        torch.mv(w, x)
+    x_cols, x_rows = torch.randn(cols), torch.randn(rows)
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mv(w, x)
-        best = min(best, time.perf_counter() - t0)
+    for product in (lambda: torch.mv(w, x_cols), lambda: x_rows @ w):
+        for _ in range(3):
+            product()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - t0)
     return w.numel() * 4 / best
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.config import CodePredictorConfig
-from engine.models.qwen3 import ContiguousContext, Qwen3Stack
+from engine.models.qwen3 import ContiguousContext, Projection, Qwen3Stack
 
 
 class CodePredictorModel(Qwen3Stack):
@@ -31,6 +31,7 @@ class CodePredictor(nn.Module):
         self.model = CodePredictorModel(cfg, talker_hidden)
         self.lm_head = nn.ModuleList(
             nn.Linear(hidden, cfg.transformer.vocab_size, bias=False) for _ in range(cfg.num_code_groups - 1))
+        self.head_logits: list[Projection] = []  # lm_head as projections, set by Talker.fuse_weights_
         self.small_to_mtp_projection = (
             nn.Linear(talker_hidden, hidden, bias=True) if hidden != talker_hidden else nn.Identity())
 
@@ -45,4 +46,4 @@ class CodePredictor(nn.Module):
     def step(self, x: torch.Tensor, ctx: ContiguousContext, head: int) -> torch.Tensor:
         """x: [B, S, talker_hidden] new rows → fp32 logits [B, vocab] of ``lm_head[head]``."""
         hidden = ctx.run(self.model, self.small_to_mtp_projection(x))
-        return self.lm_head[head](hidden[:, -1]).float()
+        return self.head_logits[head](hidden[:, -1]).float()

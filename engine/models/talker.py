@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.config import ModelConfig, TalkerConfig
 from engine.models.code_predictor import CodePredictor
-from engine.models.qwen3 import Qwen3Stack
+from engine.models.qwen3 import Projection, Qwen3Stack, pack_linears
 
 
 class TalkerModel(Qwen3Stack):
@@ -45,6 +45,7 @@ class Talker(nn.Module):
         self.text_projection = TextProjection(cfg.talker.text_hidden_size, t.hidden_size)
         self.codec_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor, talker_hidden=t.hidden_size)
+        self.codec_logits: Projection | None = None  # codec_head as a projection, set by fuse_weights_
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """T(ids): text ids → projected talker-width vectors."""
@@ -64,7 +65,9 @@ class Talker(nn.Module):
     def fuse_weights_(self) -> None:
         self.model.fuse_weights_()
         self.code_predictor.model.fuse_weights_()
+        self.codec_logits = Projection(pack_linears([self.codec_head]))
+        self.code_predictor.head_logits = [Projection(pack_linears([h])) for h in self.code_predictor.lm_head]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Codebook-0 (+control) logits, always fp32."""
-        return self.codec_head(hidden).float()
+        return self.codec_logits(hidden).float()
