@@ -66,3 +66,11 @@ def num_sms(device: torch.device) -> int:
     if index not in _sm_count_cache:
         _sm_count_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _sm_count_cache[index]
+
+
+# Why each public op checks the device before calling its custom op: on CPU, the custom-op dispatch
+# (schema checks, the dispatcher, the Python kernel lookup) cost 13 µs per call for an add+RMSNorm of
+# one token and 70 µs for q/k norm + RoPE (torch 2.13, this project's CPU), more than the reference
+# itself, and a batch-1 CPU frame calls these ops ~400 times. So CPU tensors in eager mode go straight
+# to the reference; CUDA tensors, and any tracing by torch.compile, go through the custom op, which
+# stays one opaque node for the compiler and CUDA graphs.

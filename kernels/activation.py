@@ -60,14 +60,22 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("makima::silu_and_mul", mutates_args=())
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :I]) * x[..., I:]`` with fp32 math; output ``[..., I]`` in ``x.dtype``."""
     return silu_and_mul_reference(x)
 
 
-silu_and_mul.register_kernel("cuda")(silu_and_mul_triton)
+silu_and_mul_op.register_kernel("cuda")(silu_and_mul_triton)
 
 
-@silu_and_mul.register_fake
+@silu_and_mul_op.register_fake
 def _(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    if x.is_cuda or torch.compiler.is_compiling():
+        return silu_and_mul_op(x)
+    return silu_and_mul_reference(x)

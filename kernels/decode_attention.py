@@ -222,7 +222,7 @@ def paged_decode_attention_reference(
 
 
 @torch.library.custom_op("makima::paged_decode_attention", mutates_args=())
-def paged_decode_attention(
+def paged_decode_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -238,9 +238,27 @@ def paged_decode_attention(
     )
 
 
-paged_decode_attention.register_kernel("cuda")(paged_decode_attention_triton)
+paged_decode_attention_op.register_kernel("cuda")(paged_decode_attention_triton)
 
 
-@paged_decode_attention.register_fake
+@paged_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0, num_splits=0):
     return q.new_empty(q.shape)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits)
+    if q.is_cuda or torch.compiler.is_compiling():
+        return paged_decode_attention_op(*args)
+    return paged_decode_attention_reference(*args)

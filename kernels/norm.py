@@ -137,31 +137,49 @@ def fused_add_rms_norm_reference(
 
 
 @torch.library.custom_op("makima::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * round(x * rsqrt(mean(x^2, -1) + eps))`` over the last dim; output dtype = ``x.dtype``."""
     return rms_norm_reference(x, weight, eps)
 
 
 @torch.library.custom_op("makima::fused_add_rms_norm", mutates_args=())
-def fused_add_rms_norm(
+def fused_add_rms_norm_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = round(x + residual)``; returns ``(rms_norm(s, weight, eps), s)``."""
     return fused_add_rms_norm_reference(x, residual, weight, eps)
 
 
-rms_norm.register_kernel("cuda")(rms_norm_triton)
-fused_add_rms_norm.register_kernel("cuda")(fused_add_rms_norm_triton)
+rms_norm_op.register_kernel("cuda")(rms_norm_triton)
+fused_add_rms_norm_op.register_kernel("cuda")(fused_add_rms_norm_triton)
 
 
-@rms_norm.register_fake
+@rms_norm_op.register_fake
 def _(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@fused_add_rms_norm.register_fake
+@fused_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(x, memory_format=torch.contiguous_format),
     )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    if x.is_cuda or torch.compiler.is_compiling():
+        return rms_norm_op(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    if x.is_cuda or torch.compiler.is_compiling():
+        return fused_add_rms_norm_op(x, residual, weight, eps)
+    return fused_add_rms_norm_reference(x, residual, weight, eps)

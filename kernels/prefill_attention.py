@@ -290,7 +290,7 @@ def paged_prefill_attention_reference(
 
 
 @torch.library.custom_op("makima::paged_prefill_attention", mutates_args=())
-def paged_prefill_attention(
+def paged_prefill_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -306,9 +306,27 @@ def paged_prefill_attention(
     )
 
 
-paged_prefill_attention.register_kernel("cuda")(paged_prefill_attention_triton)
+paged_prefill_attention_op.register_kernel("cuda")(paged_prefill_attention_triton)
 
 
-@paged_prefill_attention.register_fake
+@paged_prefill_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window=0):
     return q.new_empty(q.shape)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window)
+    if q.is_cuda or torch.compiler.is_compiling():
+        return paged_prefill_attention_op(*args)
+    return paged_prefill_attention_reference(*args)

@@ -220,7 +220,7 @@ def qk_norm_rope_store_kv_reference(
 
 
 @torch.library.custom_op("makima::qk_norm_rope_store_kv", mutates_args=("qkv", "k_cache", "v_cache"))
-def qk_norm_rope_store_kv(
+def qk_norm_rope_store_kv_op(
     qkv: torch.Tensor,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
@@ -240,10 +240,32 @@ def qk_norm_rope_store_kv(
     )  # fmt: skip
 
 
-qk_norm_rope_store_kv.register_kernel("cuda")(qk_norm_rope_store_kv_triton)
+qk_norm_rope_store_kv_op.register_kernel("cuda")(qk_norm_rope_store_kv_triton)
 
 
-@qk_norm_rope_store_kv.register_fake
+@qk_norm_rope_store_kv_op.register_fake
 def _(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_norm_weight, k_norm_weight, eps,
       k_cache, v_cache, slot_mapping):  # fmt: skip
     return None
+
+
+def qk_norm_rope_store_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+) -> None:
+    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
+    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
+    args = (qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_norm_weight, k_norm_weight, eps,
+            k_cache, v_cache, slot_mapping)
+    if qkv.is_cuda or torch.compiler.is_compiling():
+        return qk_norm_rope_store_kv_op(*args)
+    return qk_norm_rope_store_kv_reference(*args)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import activation, decode_attention, norm, prefill_attention, rope
 from kernels.decode_attention import paged_decode_attention_reference
 from kernels.norm import fused_add_rms_norm_reference, rms_norm_reference
 from kernels.prefill_attention import paged_prefill_attention_reference
@@ -46,20 +47,34 @@ def small_inputs(dtype=torch.float32):
 
 
 def op_calls(a):
-    """(op, args) for every public op."""
+    """(custom op, args) for every public op: the registered ops themselves, which the public functions
+    call on CUDA and under torch.compile."""
     caches, paging = (a["k_cache"], a["v_cache"]), (a["block_tables"], a["context_lens"])
     rope_args = (a["qkv"], a["positions"], a["cos_sin"], HQ, HK, a["qk_weight"], a["qk_weight"], 1e-6)
     return [
-        (kernels.rms_norm, (a["x"], a["weight"], 1e-6)),
-        (kernels.fused_add_rms_norm, (a["x"], a["residual"], a["weight"], 1e-6)),
-        (kernels.silu_and_mul, (a["gate_up"],)),
-        (kernels.qk_norm_rope_store_kv, (*rope_args, *caches, a["slots"])),
-        (kernels.paged_decode_attention, (a["q"], *caches, *paging, 0.125, 0, 0)),
+        (norm.rms_norm_op, (a["x"], a["weight"], 1e-6)),
+        (norm.fused_add_rms_norm_op, (a["x"], a["residual"], a["weight"], 1e-6)),
+        (activation.silu_and_mul_op, (a["gate_up"],)),
+        (rope.qk_norm_rope_store_kv_op, (*rope_args, *caches, a["slots"])),
+        (decode_attention.paged_decode_attention_op, (a["q"], *caches, *paging, 0.125, 0, 0)),
         (
-            kernels.paged_prefill_attention,
+            prefill_attention.paged_prefill_attention_op,
             (a["q_prefill"], *caches, a["block_tables"], a["cu"], paging[1], 0.125, 8),
         ),
     ]
+
+
+def test_public_functions_equal_their_custom_ops_on_cpu():
+    """On CPU the public functions skip the dispatcher; the answer must be the op's, bit for bit."""
+    public = [kernels.rms_norm, kernels.fused_add_rms_norm, kernels.silu_and_mul, kernels.qk_norm_rope_store_kv,
+              kernels.paged_decode_attention, kernels.paged_prefill_attention]
+    for fn, (op, args) in zip(public, op_calls(small_inputs()), strict=True):
+        direct_args = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+        op_args = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+        torch.testing.assert_close(fn(*direct_args), op(*op_args), atol=0, rtol=0)
+        for d, o in zip(direct_args, op_args, strict=True):  # in-place updates (rope: qkv and caches) too
+            if isinstance(d, torch.Tensor):
+                torch.testing.assert_close(d, o, atol=0, rtol=0, equal_nan=True)
 
 
 def test_cpu_dispatch_runs_the_references():
