@@ -2,7 +2,9 @@
 
 On CUDA tensors the ops launch Triton kernels; on anything else they run the plain PyTorch reference of
 the same signature, so one call site serves the GPU engine, the CPU engine, ``torch.compile`` and CUDA
-graphs. The library knows nothing of any model; see ``kernels/README.md`` for layouts and tolerances.
+graphs. (On CPU in eager mode the public functions call the references without the custom-op dispatch,
+which costs more than the ops there; ``<name>_op`` in each module is the registered op.) The library
+knows nothing of any model; see ``kernels/README.md`` for layouts and tolerances.
 """
 
 from .activation import silu_and_mul
