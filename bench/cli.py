@@ -132,7 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import asdict
 
-    from bench.report import Progress, Slo, capacity, plot_serve, provenance, serve_markdown, summarise, write_report
+    from bench.plots import plot_serve
+    from bench.report import Progress, Slo, capacity, provenance, serve_markdown, summarise, write_report
     from bench.serve_load import Level, ServeConfig, run_serve
     from bench.texts import load_texts
 
@@ -217,7 +218,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import json
 
-    from bench.report import Slo, capacity, compare_markdown, engine_markdown, plot_serve, serve_markdown, write_report
+    from bench.plots import plot_serve
+    from bench.report import Slo, capacity, compare_markdown, engine_markdown, serve_markdown, write_report
 
     report = json.loads(args.json.read_text())
     kind = report.get("bench")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from engine.sampling import SamplingParams
+
 
 class ConfigError(ValueError):
     """A checkpoint config file is missing, unreadable or lacks a required value."""
@@ -285,24 +287,18 @@ class SpeechTokenizerConfig:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """generation_config.json: the sampling a request gets unless it asks otherwise."""
+    """generation_config.json: the sampling a request gets unless it asks otherwise, and the frame cap."""
 
-    do_sample: bool = True
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.05
-    subtalker_do_sample: bool = True
-    subtalker_temperature: float = 0.9
-    subtalker_top_k: int = 50
-    subtalker_top_p: float = 1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 8192
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationDefaults:
         names = {"subtalker_dosample": "subtalker_do_sample"}
         kwargs = {names.get(k, k): v for k, v in d.items()}
-        return cls(**{k: v for k, v in kwargs.items() if k in cls.__dataclass_fields__})
+        known = set(SamplingParams.__dataclass_fields__) - {"seed"}  # a seed is a request's, never a default
+        return cls(sampling=SamplingParams(**{k: v for k, v in kwargs.items() if k in known}),
+                   max_new_tokens=kwargs.get("max_new_tokens", cls.max_new_tokens))
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class TTSModel:
                            ref_text_ids=self.tokenizer.ref_ids(ref_text))
 
     def sampling(self, greedy: bool = False, **overrides: object) -> SamplingParams:
-        params = SamplingParams.from_defaults(self.cfg.generation, **overrides)
+        params = self.cfg.generation.sampling.with_overrides(**overrides)
         params.validate()
         return params.greedy() if greedy else params
 

