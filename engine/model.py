@@ -92,11 +92,11 @@ class TTSModel:
     def sampling_from_options(self, greedy: bool = False, seed: int | None = None, temperature: float | None = None,
                               top_k: int | None = None, top_p: float | None = None,
                               repetition_penalty: float | None = None) -> SamplingParams:
-        """The user-facing options of `synthesize` (flags or a JSONL line): one temperature, top-k and
-        top-p apply to both the talker and the code predictor."""
-        return self.sampling(greedy=greedy, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty, subtalker_temperature=temperature,
-                             subtalker_top_k=top_k, subtalker_top_p=top_p)
+        """The user-facing options of `synthesize` (flags or a JSONL line) over the checkpoint's defaults."""
+        params = self.cfg.generation.sampling.with_user_options(greedy, seed, temperature, top_k, top_p,
+                                                               repetition_penalty)
+        params.validate()
+        return params
 
     def max_frames_for(self, text_ids: list[int]) -> int:
         return default_max_frames(len(text_ids), self.cfg.generation.max_new_tokens)

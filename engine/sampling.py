@@ -40,6 +40,16 @@ class SamplingParams:
         """These params with every override that is not None (a request's own choices)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def with_user_options(self, greedy: bool = False, seed: int | None = None, temperature: float | None = None,
+                          top_k: int | None = None, top_p: float | None = None,
+                          repetition_penalty: float | None = None) -> SamplingParams:
+        """The options users set (CLI flags, a JSONL line, a WebSocket ``start``): one temperature,
+        top-k and top-p apply to both the talker and the code predictor. Not validated here."""
+        p = self.with_overrides(seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, subtalker_temperature=temperature,
+                                subtalker_top_k=top_k, subtalker_top_p=top_p)
+        return p.greedy() if greedy else p
+
     def greedy(self) -> SamplingParams:
         return replace(self, do_sample=False, subtalker_do_sample=False)
 

@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.api import Priority
@@ -88,12 +88,8 @@ class SamplingSpec:
         """None when nothing is overridden: the engine then uses the checkpoint's defaults."""
         if self == SamplingSpec():
             return None
-        # Like `makima-tts synthesize`: temperature/top-k/top-p apply to talker and code predictor.
-        overrides = {"seed": self.seed, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                     "repetition_penalty": self.repetition_penalty, "subtalker_temperature": self.temperature,
-                     "subtalker_top_k": self.top_k, "subtalker_top_p": self.top_p}
-        p = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
-        return p.greedy() if self.greedy else p
+        return defaults.with_user_options(self.greedy, self.seed, self.temperature, self.top_k, self.top_p,
+                                          self.repetition_penalty)  # as `makima-tts synthesize` does
 
 
 @dataclass
