@@ -218,7 +218,7 @@ class CodecStream:
     """Per-request chunking over one :class:`StreamingDecoder` (the engine's codec stage)."""
 
     def __init__(self, tokenizer: SpeechTokenizer, chunk_frames: tuple[int, ...], samples_per_frame: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, deadline_flush: bool = True) -> None:
         if samples_per_frame != tokenizer.decoder.samples_per_frame:
             raise ValueError(f"the codec makes {tokenizer.decoder.samples_per_frame} samples per frame, "
                              f"not {samples_per_frame}")
@@ -226,7 +226,7 @@ class CodecStream:
         self.chunk_frames = chunk_frames
         self.samples_per_frame = samples_per_frame
         self.frame_seconds = samples_per_frame / tokenizer.cfg.sample_rate
-        self.clock = clock
+        self.clock, self.deadline_flush = clock, deadline_flush
         self.step_seconds: float | None = None  # moving average of the time between collects (one step)
         self._last_collect: float | None = None
         self.decoder = StreamingDecoder(tokenizer.decoder, tokenizer.device)
@@ -255,7 +255,8 @@ class CodecStream:
         size = self.chunk_frames[min(s.chunks_sent, len(self.chunk_frames) - 1)]
         if final or len(s.pending) >= size:
             return True
-        if s.first_sent_at is None or self.step_seconds is None or self.step_seconds >= self.frame_seconds:
+        if not self.deadline_flush or s.first_sent_at is None or self.step_seconds is None \
+                or self.step_seconds >= self.frame_seconds:
             return False  # slower than real time, the listener starves anyway: keep chunks cheap
         # Waiting for the full chunk costs (size - pending) more steps, and one more to decode and
         # deliver it: flush now if the listener would run out of audio before that.

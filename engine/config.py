@@ -381,6 +381,9 @@ class EngineConfig:
     # later so that per-chunk overhead stays low; the last entry repeats. A stream whose listener would
     # run dry before its next full chunk gets what is ready early (engine/codec_stream.py).
     chunk_frames: tuple[int, ...] = (1, 2, 4, 8, 12)
+    # Send early when a listener would otherwise run dry (see engine/codec_stream.py). Off: chunk
+    # boundaries follow the schedule alone, so two runs of a request chunk (and round) identically.
+    deadline_flush: bool = True
     output_queue_chunks: int = 32  # per-request bound; a full queue pauses only that request
     frames_per_text_token: int = 12  # runaway guard: cap = min_frame_cap + this x text tokens
     min_frame_cap: int = 40

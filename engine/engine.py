@@ -76,7 +76,7 @@ class Engine:
             graphs = DecodeGraphs(model.tts.talker, self.kv, self.cfg.max_running, self.cfg.max_sequence_len)
         self.runner = Runner(model.tts.talker, self.kv, self.blocks, graphs)
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
-                                 model.cfg.speech_tokenizer.samples_per_frame)
+                                 model.cfg.speech_tokenizer.samples_per_frame, deadline_flush=self.cfg.deadline_flush)
         # The codec stage runs on its own thread, one step behind the model: while it decodes
         # step N's frames, the engine thread runs step N+1 on the other core. Every codec call goes
         # through this single worker, in submission order, so the stream state has one owner.

@@ -42,6 +42,10 @@ class PagedContext:
     context_lens: torch.Tensor  # [B] int32, cached + new tokens
     cu_seqlens_q: torch.Tensor | None  # [B + 1] int32; None: one new token per sequence (decode)
 
+    @property
+    def num_sequences(self) -> int:
+        return self.context_lens.shape[0]
+
     def attend(self, layer: int, qkv: torch.Tensor, attn: Attention) -> torch.Tensor:
         hq, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]

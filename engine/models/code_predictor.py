@@ -46,4 +46,4 @@ class CodePredictor(nn.Module):
     def step(self, x: torch.Tensor, ctx: ContiguousContext, head: int) -> torch.Tensor:
         """x: [B, S, talker_hidden] new rows → fp32 logits [B, vocab] of ``lm_head[head]``."""
         hidden = ctx.run(self.model, self.small_to_mtp_projection(x))
-        return self.head_logits[head](hidden[:, -1]).float()
+        return self.head_logits[head](hidden[:, -1], many_sequences=ctx.num_sequences > 1).float()

@@ -43,6 +43,11 @@ class AttentionContext(Protocol):
         """qkv: [T, (Hq + 2 Hk) D] fresh projections → attention output [T, Hq D]."""
         ...
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in this forward (the projections batch their weights differently for several)."""
+        ...
+
 
 class RopeTable:
     """The fp32 ``[cos | sin]`` table of a stack, grown on demand, per device."""
@@ -73,6 +78,10 @@ class ContiguousContext:
         self.eps = cfg.rms_norm_eps
         self._new = 0
         self._positions = torch.empty(0, dtype=torch.long, device=device)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.batch
 
     def run(self, stack: Qwen3Stack, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, hidden] continuing every sequence by S tokens → normed hidden [B, S, hidden]."""
@@ -117,7 +126,8 @@ class Attention(nn.Module):
         self.o: Projection | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        return self.o(ctx.attend(layer, self.qkv(x), self))
+        many = ctx.num_sequences > 1
+        return self.o(ctx.attend(layer, self.qkv(x, many), self), many)
 
 
 class MLP(nn.Module):
@@ -129,8 +139,8 @@ class MLP(nn.Module):
         self.gate_up: Projection | None = None  # set by fuse_weights_
         self.down: Projection | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(self.gate_up(x)))
+    def forward(self, x: torch.Tensor, many_sequences: bool) -> torch.Tensor:
+        return self.down(silu_and_mul(self.gate_up(x, many_sequences)), many_sequences)
 
 
 class DecoderLayer(nn.Module):
@@ -152,29 +162,30 @@ class DecoderLayer(nn.Module):
             h, residual = fused_add_rms_norm(x, residual, self.input_layernorm.weight, self.eps)
         h = self.self_attn(h, ctx, layer)
         h, residual = fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
-        return self.mlp(h), residual
+        return self.mlp(h, ctx.num_sequences > 1), residual
 
 
 class Projection:
-    """``F.linear(x, weight)`` for a fixed weight, each batch shape on the path that runs it fastest.
+    """``F.linear(x, weight)`` for a fixed weight, on the CPU path that suits the batch.
 
-    On CPU (measured on this project's AMD EPYC, AVX-512, one thread, fp32): a single row is a
-    matrix-vector product bound by memory bandwidth, fastest through MKL with the weight in the layout
-    ``pack_linears`` chose (19-22 GB/s; oneDNN was no faster in the model). Two or more rows run about
-    2x faster through oneDNN with the weight reordered for small batches (14-15 GB/s at 8 rows, against
-    6-9 through MKL). The reordered copy doubles the weights' memory, on CPU only. Elsewhere (CUDA) it
-    is plain ``F.linear``.
+    On CPU (measured on this project's AMD EPYC, AVX-512, one thread, fp32): one sequence's rows go
+    through MKL with the weight in the layout ``pack_linears`` chose — one row is a matrix-vector
+    product bound by memory bandwidth (19-22 GB/s), and this path keeps the official code's summation
+    order closely enough for full-size logits within 1e-5 of it. Rows of several sequences (a batched
+    engine step) go through oneDNN with the weight reordered for small batches: about 2x faster (14-15
+    GB/s at 8 rows, against 6-9 through MKL), with other rounding, which only batched steps see. The
+    reordered copy doubles the weights' memory, on CPU only. Elsewhere (CUDA) it is plain ``F.linear``.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
-        self.rows: torch.Tensor | None = None
+        self.batched: torch.Tensor | None = None
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.rows = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8)
+            self.batched = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None and x.numel() > x.shape[-1]:
-            return torch.ops.mkldnn._linear_pointwise(x, self.rows, None, "none", [], "")
+    def __call__(self, x: torch.Tensor, many_sequences: bool = False) -> torch.Tensor:
+        if many_sequences and self.batched is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.batched, None, "none", [], "")
         return F.linear(x, self.weight)
 
 

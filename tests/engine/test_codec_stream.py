@@ -254,3 +254,14 @@ def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_r
         assert sizes[:4] != [1, 2, 4, 8]
     if step < SPF / tok.cfg.sample_rate:
         assert listener_underruns(chunks, tok.cfg.sample_rate) == 0, sizes
+
+
+def test_deadline_flush_can_be_turned_off(tok):
+    cs = CodecStream(tok, SCHEDULE, SPF, clock=FakeClock(0.06), deadline_flush=False)
+    cs.open("a", None)
+    chunks = []
+    gen = random_codes(40, seed=11)
+    for k, frame in enumerate(gen.tolist()):
+        cs.push("a", frame)
+        chunks += cs.collect({"a"} if k == len(gen) - 1 else set())
+    check_chunks(chunks, 40, SCHEDULE)
