@@ -200,10 +200,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch is imported: let its CPU allocator back large tensors with transparent huge pages
-    # (this box's kernel hands them out on request only). A CPU frame streams every weight once; with
-    # 4 KB pages one-thread GEMVs ran 4-8 % slower here (24.4 against 23.4 GB/s on 6144 x 1024 fp32).
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from bench.cli import add_bench_parser, run_bench  # argparse only: --help stays instant
 
     parser = argparse.ArgumentParser(prog="makima-tts", description=__doc__.splitlines()[0])
