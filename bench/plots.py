@@ -55,7 +55,8 @@ def plot_serve(report: dict, out_dir: Path, stem: str) -> list[str]:
     slo, cap = report["slo"], report["capacity"]
     _, load_head, _ = MODE_WORDS[report["mode"]]
     xlabel = "concurrent sessions" if report["mode"] == "concurrency" else "arrival rate (utterances/s)"
-    title = f"{report['server'].get('model')} · {report['provenance']['machine']['cpu']}"
+    machine = report["provenance"]["machine"]
+    title = f"{report['server'].get('model')} · {', '.join(machine.get('gpus') or []) or machine['cpu']}"
     names = []
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
