@@ -8,8 +8,8 @@ import io
 import pytest
 
 from bench.report import Progress, Slo, capacity, command_line, md_table, percentiles, shortfalls, summarise
-from bench.serve_load import playback
 from bench.texts import LANGUAGES, LENGTHS, builtin_sets, load_texts
+from bench.ws_client import playback
 
 
 def test_playback_clock_counts_each_late_chunk_and_its_silence():

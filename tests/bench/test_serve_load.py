@@ -13,18 +13,9 @@ import aiohttp
 import pytest
 
 from bench.report import Slo, summarise
-from bench.serve_load import (
-    ServeConfig,
-    SessionPool,
-    Target,
-    playback,
-    poisson_arrivals,
-    run_level,
-    run_serve,
-    speak_url,
-    start_message,
-)
+from bench.serve_load import ServeConfig, poisson_arrivals, run_level, run_serve, start_message
 from bench.texts import Text
+from bench.ws_client import SessionPool, Target, playback, speak_url
 from tests.bench.scripted_server import Script, ScriptedServer, Sent, scripted
 
 LIMIT_S = 30.0
