@@ -6,7 +6,10 @@ no GPU (the driver raises "0 active drivers" there unless ``TRITON_INTERPRET=1``
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 import triton
@@ -14,6 +17,9 @@ import triton
 # Dtypes every kernel accepts. bf16 runs on a GPU; under the interpreter its arithmetic is wrong
 # (values are kept as raw uint16), so CPU tests use fp32 and fp16.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ``@triton.jit`` reads TRITON_INTERPRET when it decorates, i.e. when the kernel modules are imported
@@ -68,9 +74,21 @@ def num_sms(device: torch.device) -> int:
     return _sm_count_cache[index]
 
 
-# Why each public op checks the device before calling its custom op: on CPU, the custom-op dispatch
-# (schema checks, the dispatcher, the Python kernel lookup) cost 13 µs per call for an add+RMSNorm of
-# one token and 70 µs for q/k norm + RoPE (torch 2.13, this project's CPU), more than the reference
-# itself, and a batch-1 CPU frame calls these ops ~400 times. So CPU tensors in eager mode go straight
-# to the reference; CUDA tensors, and any tracing by torch.compile, go through the custom op, which
-# stays one opaque node for the compiler and CUDA graphs.
+def eager_reference_on_cpu(op: Callable[P, R], reference: Callable[P, R]) -> Callable[P, R]:
+    """The public entry point of a custom op: ``op`` for CUDA tensors (by the first argument) and under
+    ``torch.compile``; ``reference`` called directly for anything else in eager mode.
+
+    Why: on CPU the custom-op dispatch (schema checks, the dispatcher, the Python kernel lookup) cost
+    13 µs per call for an add+RMSNorm of one token and 70 µs for q/k norm + RoPE (torch 2.13, this
+    project's CPU), more than the reference itself, and a batch-1 CPU frame calls these ops ~400
+    times. Through ``op`` they stay one opaque node for the compiler and CUDA graphs.
+    """
+
+    def entry(*args: P.args, **kwargs: P.kwargs) -> R:
+        if args[0].is_cuda or torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    functools.update_wrapper(entry, reference)  # the reference's signature and annotations
+    entry.__name__ = entry.__qualname__ = reference.__name__.removesuffix("_reference")
+    return entry

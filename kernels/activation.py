@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_triton_device, next_power_of_2
+from ._common import FLOAT_DTYPES, check_triton_device, eager_reference_on_cpu, next_power_of_2
 
 
 @triton.jit
@@ -73,9 +73,4 @@ def _(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    if x.is_cuda or torch.compiler.is_compiling():
-        return silu_and_mul_op(x)
-    return silu_and_mul_reference(x)
+silu_and_mul = eager_reference_on_cpu(silu_and_mul_op, silu_and_mul_reference)

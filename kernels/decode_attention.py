@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_triton_device, dot_precision, dot_upcast, next_power_of_2, num_sms
+from ._common import check_triton_device, dot_precision, dot_upcast, eager_reference_on_cpu, next_power_of_2, num_sms
 from .prefill_attention import LOG2E, check_paged_args, paged_prefill_attention_reference
 
 MAX_SPLITS = 16
@@ -246,19 +246,4 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0, 
     return q.new_empty(q.shape)
 
 
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int = 0,
-    num_splits: int = 0,
-) -> torch.Tensor:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits)
-    if q.is_cuda or torch.compiler.is_compiling():
-        return paged_decode_attention_op(*args)
-    return paged_decode_attention_reference(*args)
+paged_decode_attention = eager_reference_on_cpu(paged_decode_attention_op, paged_decode_attention_reference)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_triton_device, next_power_of_2, row_num_warps
+from ._common import FLOAT_DTYPES, check_triton_device, eager_reference_on_cpu, next_power_of_2, row_num_warps
 
 
 @triton.jit
@@ -167,19 +167,7 @@ def _(x, residual, weight, eps):
     )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    if x.is_cuda or torch.compiler.is_compiling():
-        return rms_norm_op(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+rms_norm = eager_reference_on_cpu(rms_norm_op, rms_norm_reference)
 
 
-def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    if x.is_cuda or torch.compiler.is_compiling():
-        return fused_add_rms_norm_op(x, residual, weight, eps)
-    return fused_add_rms_norm_reference(x, residual, weight, eps)
+fused_add_rms_norm = eager_reference_on_cpu(fused_add_rms_norm_op, fused_add_rms_norm_reference)

@@ -30,7 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_triton_device, dot_precision, dot_upcast, next_power_of_2
+from ._common import (
+    FLOAT_DTYPES,
+    check_triton_device,
+    dot_precision,
+    dot_upcast,
+    eager_reference_on_cpu,
+    next_power_of_2,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -314,19 +321,4 @@ def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, slid
     return q.new_empty(q.shape)
 
 
-def paged_prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int = 0,
-) -> torch.Tensor:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window)
-    if q.is_cuda or torch.compiler.is_compiling():
-        return paged_prefill_attention_op(*args)
-    return paged_prefill_attention_reference(*args)
+paged_prefill_attention = eager_reference_on_cpu(paged_prefill_attention_op, paged_prefill_attention_reference)

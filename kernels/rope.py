@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_triton_device, next_power_of_2
+from ._common import FLOAT_DTYPES, check_triton_device, eager_reference_on_cpu, next_power_of_2
 from .norm import rms_norm_reference
 
 
@@ -249,23 +249,4 @@ def _(qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_norm_weight, k
     return None
 
 
-def qk_norm_rope_store_kv(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    num_q_heads: int,
-    num_kv_heads: int,
-    q_norm_weight: torch.Tensor | None,
-    k_norm_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor | None,
-    v_cache: torch.Tensor | None,
-    slot_mapping: torch.Tensor | None,
-) -> None:
-    """The public entry point: the custom op on CUDA tensors and under ``torch.compile``; the reference
-    directly on CPU, where the custom-op dispatch alone costs more than the op (see ``_common``)."""
-    args = (qkv, positions, cos_sin_cache, num_q_heads, num_kv_heads, q_norm_weight, k_norm_weight, eps,
-            k_cache, v_cache, slot_mapping)
-    if qkv.is_cuda or torch.compiler.is_compiling():
-        return qk_norm_rope_store_kv_op(*args)
-    return qk_norm_rope_store_kv_reference(*args)
+qk_norm_rope_store_kv = eager_reference_on_cpu(qk_norm_rope_store_kv_op, qk_norm_rope_store_kv_reference)
