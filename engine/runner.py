@@ -119,22 +119,22 @@ class Runner:
         logits = self.process(logits, histories, [st.sampling for st in states])
         drawn = draw_rows(logits, [talker_rule(st.sampling) for st in states], [st.generator for st in states])
         outputs: list[FrameOutput] = []
-        keep_states, keep_rows, c0s = [], [], []
+        keep_states, keep_rows = [], []
         for i, (st, c0) in enumerate(zip(states, drawn.tolist(), strict=True)):
             if c0 == self.eos:
                 outputs.append(FrameOutput(st, None, last=True))
                 continue
             keep_states.append(st)
             keep_rows.append(i)
-            c0s.append(c0)
         t1 = time.perf_counter()
         self.timings["sample_s"] += t1 - t0
         if not keep_states:
             return outputs
-        codes = self._predict_residual(keep_states, hidden[keep_rows], c0s)
+        c0 = drawn[keep_rows]
+        codes = self._predict_residual(keep_states, hidden[keep_rows], c0)
         self._sync()
         self.timings["predictor_s"] += time.perf_counter() - t1
-        frames = torch.cat([torch.tensor(c0s, device=self.device)[:, None], codes], dim=1)  # [B, 16]
+        frames = torch.cat([c0[:, None], codes], dim=1)  # [B, 16]
         # The next talker input of each request: its frame's embedding plus its text row for that frame.
         rows = self.talker.embed_frames(frames) + torch.stack([st.trailing_row(len(st.frames)) for st in keep_states])
         for st, frame, row in zip(keep_states, frames.tolist(), rows, strict=True):
@@ -144,7 +144,7 @@ class Runner:
             outputs.append(FrameOutput(st, frame, last=len(st.frames) >= st.max_frames))
         return outputs
 
-    def _predict_residual(self, states: list[RequestState], hidden: torch.Tensor, c0s: list[int]) -> torch.Tensor:
+    def _predict_residual(self, states: list[RequestState], hidden: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
         """Codebooks 1..15 for B frames at once; each row drawn with its request's own sampler."""
         predictor = self.talker.code_predictor
         if self.graphs is not None and self.graphs.fits(len(states)):
@@ -154,7 +154,6 @@ class Runner:
 
             def substep(x: torch.Tensor, j: int) -> torch.Tensor:
                 return predictor.step(x, ctx, head=j)
-        c0 = torch.tensor(c0s, device=self.device)
         x = torch.stack([hidden, self.talker.embed_codec(c0)], dim=1)  # [B, 2, talker_hidden]
         rules = [predictor_rule(st.sampling) for st in states]
         generators = [st.generator for st in states]

@@ -117,35 +117,32 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
 
 def draw_rows(logits: torch.Tensor, rules: Sequence[Rule],
               generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of fp32 logits ``[B, V]`` → int64 ``[B]`` on the logits' device, with no host sync.
+    """One token per row of fp32 logits ``[B, V]`` → int64 ``[B]`` on the logits' device.
 
     Rows that share a rule are warped together (one batched op instead of B); each sampled row then
-    draws with its own generator, so its token depends only on its logits and its own seed."""
-    picks: list[torch.Tensor | None] = [None] * logits.shape[0]
+    draws with its own generator, so its token depends only on its logits and its own seed. The host
+    waits for the device once per sampled rule (the finiteness check), never per row."""
+    drawn = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     groups: dict[Rule, list[int]] = {}
     for row, rule in enumerate(rules):
         groups.setdefault(rule, []).append(row)
     for (do_sample, temperature, top_k, top_p), rows in groups.items():
         part = logits if len(rows) == logits.shape[0] else logits[rows]
         if not do_sample:  # greedy: the warpers never change the argmax
-            chosen = part.argmax(dim=-1)
-            for i, row in enumerate(rows):
-                picks[row] = chosen[i:i + 1]
+            drawn[rows] = part.argmax(dim=-1)
             continue
         probs = warp(part, temperature, top_k, top_p).softmax(dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # one check per group, not one per row
+        if not bool(torch.isfinite(probs).all()):
             raise ValueError("non-finite sampling probabilities (the model produced NaN or inf logits)")
         # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn by exponential_ on a tensor
         # shaped like p: the same draws, bit for bit (tested against it). Done here so each row
         # draws its noise from its own generator, but the division and argmax run once for all rows,
-        # and without multinomial's per-call validity check, which waits for the GPU.
+        # and without multinomial's validity check per call, which waits for the GPU every time.
         noise = torch.empty_like(probs)
         for i, row in enumerate(rows):
             noise[i].exponential_(1, generator=generators[row])
-        chosen = (probs / noise).argmax(dim=-1)
-        for i, row in enumerate(rows):
-            picks[row] = chosen[i:i + 1]
-    return torch.cat(picks)
+        drawn[rows] = (probs / noise).argmax(dim=-1)
+    return drawn
 
 
 class TalkerLogitsProcessor:
