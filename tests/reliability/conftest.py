@@ -8,13 +8,13 @@ are killed on the way out.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import os
 import tempfile
 
 import pytest
+
+from tests.coroutine_tests import run_coroutine_test
 
 # Hypothesis keeps its files outside the checkout (the fuzz tests also pass database=None).
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "makima-hypothesis"))
@@ -25,12 +25,7 @@ RESULTS = pytest.StashKey[list]()
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    limit = pyfuncitem.get_closest_marker("timeout")
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), limit.args[0] if limit else DEFAULT_TIMEOUT_S))
-    return True
+    return run_coroutine_test(pyfuncitem, DEFAULT_TIMEOUT_S)
 
 
 def pytest_configure(config: pytest.Config) -> None:

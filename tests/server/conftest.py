@@ -3,10 +3,8 @@ and helpers to build an app around the fake engine and talk to it over loopback.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import inspect
 import io
 
 import numpy as np
@@ -16,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.settings import ServerSettings
+from tests.coroutine_tests import run_coroutine_test
 from tests.server.fake_engine import FakeEngine
 
 TEST_TIMEOUT_S = 30.0
@@ -23,13 +22,7 @@ TEST_TIMEOUT_S = 30.0
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    limit = pyfuncitem.get_closest_marker("timeout")
-    timeout = limit.args[0] if limit else TEST_TIMEOUT_S
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), timeout))
-    return True
+    return run_coroutine_test(pyfuncitem, TEST_TIMEOUT_S)
 
 
 def pytest_configure(config: pytest.Config) -> None:
