@@ -7,7 +7,6 @@ answered (production should not reveal its upstream addresses).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.reliability.procs import ROOT, free_port
+from tests.reliability.procs import ROOT, free_port, wait_http_ok
 
 CONF = ROOT / "deploy" / "nginx" / "makima-tts.conf"
 
@@ -68,16 +67,9 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     async def wait_up(self, http: aiohttp.ClientSession, timeout: float = 20.0) -> None:
-        for _ in range(int(timeout / 0.1)):
-            assert self.proc.poll() is None, f"nginx exited:\n{self.error_log()[-2000:]}"
-            try:
-                async with http.get(self.url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError("nginx did not come up")
+        await wait_http_ok(http, self.url + "/health", timeout,
+                           lambda: None if self.proc.poll() is None else f"nginx exited:\n{self.error_log()[-2000:]}",
+                           lambda: "nginx did not come up")
 
     def error_log(self) -> str:
         path = self.tmp / "error.log"

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -71,19 +72,33 @@ def fake_replica(tmp: Path, name: str, *extra: str) -> Replica:
     return Replica(["-m", "tests.reliability.fake_replica", "--port", str(port), *extra], port, tmp / f"{name}.log")
 
 
-async def wait_ready(http: aiohttp.ClientSession, replica: Replica, timeout: float = 120.0) -> None:
+async def wait_http_ok(http: aiohttp.ClientSession, url: str, timeout: float, exited: Callable[[], str | None],
+                       not_up: Callable[[], str]) -> None:
+    """Poll ``url`` every 0.1 s until it answers 200. Fails with ``exited()`` as soon as that says the
+    process died, and with ``not_up()`` at the deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if replica.proc.poll() is not None:
-            raise AssertionError(f"replica exited with {replica.proc.returncode}:\n{replica.output()[-3000:]}")
+        died = exited()
+        if died is not None:
+            raise AssertionError(died)
         try:
-            async with http.get(replica.url + "/ready") as r:
+            async with http.get(url) as r:
                 if r.status == 200:
                     return
         except aiohttp.ClientConnectionError:
             pass
         await asyncio.sleep(0.1)
-    raise AssertionError(f"replica not ready after {timeout:g} s:\n{replica.output()[-3000:]}")
+    raise AssertionError(not_up())
+
+
+async def wait_ready(http: aiohttp.ClientSession, replica: Replica, timeout: float = 120.0) -> None:
+    def exited() -> str | None:
+        if replica.proc.poll() is None:
+            return None
+        return f"replica exited with {replica.proc.returncode}:\n{replica.output()[-3000:]}"
+
+    await wait_http_ok(http, replica.url + "/ready", timeout, exited,
+                       lambda: f"replica not ready after {timeout:g} s:\n{replica.output()[-3000:]}")
 
 
 async def metrics(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
