@@ -35,6 +35,16 @@ async def until_not_ready(http: aiohttp.ClientSession, base: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def sigterm_while_speaking(http: aiohttp.ClientSession, replica, text: str) -> asyncio.Future:
+    """Once the replica is ready, start one long utterance, let it stream for a second, then SIGTERM
+    the replica; returns the utterance's running session."""
+    await wait_ready(http, replica)
+    speaking = asyncio.ensure_future(run_session(http, replica.url + "/api/v1/speak", START, [text], timeout=30))
+    await asyncio.sleep(1.0)
+    replica.sigterm()
+    return speaking
+
+
 async def exit_code(proc, timeout: float) -> int:
     return await asyncio.get_running_loop().run_in_executor(None, proc.wait, timeout)
 
@@ -94,12 +104,8 @@ async def test_drain_deadline_cuts_a_stream_that_runs_too_long_and_still_exits_0
     replica = fake_replica(tmp_path, "r", "--chunk-delay", "0.1", "--drain-timeout", "1")
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_ready(http, replica)
             # ~330 frames: ~85 chunks of 100 ms, far past the 1 s deadline.
-            speaking = asyncio.ensure_future(run_session(http, replica.url + "/api/v1/speak", START,
-                                                         ["This will not finish in time. " * 33], timeout=30))
-            await asyncio.sleep(1.0)
-            replica.sigterm()
+            speaking = await sigterm_while_speaking(http, replica, "This will not finish in time. " * 33)
             result = await speaking
             code = await exit_code(replica.proc, 30)
             exit_s = time.monotonic() - replica.sigterm_at
@@ -117,12 +123,7 @@ async def test_a_second_sigterm_stops_waiting(tmp_path, report):
     replica = fake_replica(tmp_path, "r", "--chunk-delay", "0.1", "--drain-timeout", "60")
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_ready(http, replica)
-            speaking = asyncio.ensure_future(run_session(http, replica.url + "/api/v1/speak", START,
-                                                         ["A long one that the second signal cuts. " * 25],
-                                                         timeout=30))
-            await asyncio.sleep(1.0)
-            replica.sigterm()
+            speaking = await sigterm_while_speaking(http, replica, "A long one that the second signal cuts. " * 25)
             await until_not_ready(http, replica.url)
             replica.proc.send_signal(15)
             code = await exit_code(replica.proc, 30)
