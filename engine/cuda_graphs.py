@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.models.qwen3 import ContiguousContext
 from engine.models.talker import Talker
 from engine.paged_context import PagedContext, PagedKVCache
 
@@ -52,8 +53,7 @@ class StaticCall:
 class DecodeGraphs:
     def __init__(self, talker: Talker, kv: PagedKVCache, max_batch: int, max_sequence_len: int) -> None:
         self.talker, self.kv = talker, kv
-        weight = talker.codec_head.weight
-        device, dtype = weight.device, talker.model.norm.weight.dtype
+        device, dtype = talker.model.norm.weight.device, talker.model.norm.weight.dtype
         hidden = talker.cfg.transformer.hidden_size
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_batch = max_batch
@@ -66,7 +66,6 @@ class DecodeGraphs:
         # Our own reference: the stack's RopeTable may grow (reallocate) later, the graphs keep this one.
         self.cos_sin = talker.model.rope.get(width * kv.block_size, device)
         predictor = talker.code_predictor
-        self.num_substeps = predictor.num_residual_codebooks
         self.pred_first = torch.zeros(max_batch, 2, hidden, dtype=dtype, device=device)  # [h, embed(c0)]
         self.pred_next = torch.zeros(max_batch, 1, hidden, dtype=dtype, device=device)  # embed(previous code)
         self._talker: dict[int, StaticCall] = {}
@@ -76,7 +75,7 @@ class DecodeGraphs:
             for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
                 self._talker[b] = StaticCall(self._talker_fn(b), device, pool)
                 ctx = predictor.new_context(b)
-                for j in range(self.num_substeps):
+                for j in range(predictor.num_residual_codebooks):
                     self._predictor[b, j] = StaticCall(self._predictor_fn(b, j, ctx), device, pool)
 
     def fits(self, batch: int) -> bool:
@@ -95,9 +94,7 @@ class DecodeGraphs:
     def talker_decode(self, x: torch.Tensor, ctx: PagedContext) -> torch.Tensor:
         """The talker's normed hidden states for one new row per sequence, as ``talker.model(x, ctx)``."""
         n, b = x.shape[0], self._bucket(x.shape[0])
-        width = ctx.block_tables.shape[1]
-        if width > self.block_tables.shape[1]:  # longer than max_sequence_len: cannot happen via the engine
-            return self.talker.model(x, ctx)
+        width = ctx.block_tables.shape[1]  # at most the static width: the engine caps sequences at max_sequence_len
         self.x[:n] = x
         self.positions[:n] = ctx.positions
         self.slots[:n] = ctx.slot_mapping
@@ -108,7 +105,7 @@ class DecodeGraphs:
         return self._talker[b]()[:n]
 
     # ---- code predictor ----------------------------------------------------------------------
-    def _predictor_fn(self, b: int, j: int, ctx) -> Callable[[], torch.Tensor]:
+    def _predictor_fn(self, b: int, j: int, ctx: ContiguousContext) -> Callable[[], torch.Tensor]:
         predictor = self.talker.code_predictor
         x = self.pred_first[:b] if j == 0 else self.pred_next[:b]
         length = 0 if j == 0 else j + 1  # sub-step j continues a cache of h, c0, c1..c(j-1)
