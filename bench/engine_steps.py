@@ -8,12 +8,9 @@ voice prompt is made once beforehand, as a server does for a registered voice.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,32 +81,3 @@ def measure(model: str, sessions: list[int], frames: int, device: str = "cpu", t
     if torch.cuda.is_available() and device == "cuda":
         report["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return report
-
-
-def print_table(report: dict) -> None:
-    rows = report["runs"]
-    base = rows[0]["frames_per_s"]
-    print(f"{'sessions':>8} {'frames/s':>9} {'x of 1':>7} {'step ms':>8} {'ttfa ms':>14} {'sched %':>8}")
-    for r in rows:
-        print(f"{r['sessions']:>8} {r['frames_per_s']:>9.2f} {r['frames_per_s'] / base:>7.2f} "
-              f"{1000 * r['decode_step_s']:>8.1f} {1000 * r['ttfa_s']['min']:>6.0f}-{1000 * r['ttfa_s']['max']:<6.0f} "
-              f"{100 * r['scheduler_overhead']:>8.2f}")
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--sessions", default="1,2,4,8")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    report = measure(args.model, [int(n) for n in args.sessions.split(",")], args.frames, args.device)
-    print_table(report)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-    return report
-
-
-if __name__ == "__main__":
-    main()
