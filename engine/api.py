@@ -88,6 +88,19 @@ class EngineStats:
     kv_blocks_cached: int
     frames_generated: int
     extra: dict[str, float] = field(default_factory=dict)
+    # Monotonic counters that /metrics exports as ``makima_tts:<key>_total`` (COUNTER_HELP lists them);
+    # a key with a ``path`` label is written ``decode_rows{path=static}``.
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+COUNTER_HELP = {
+    "engine_steps": "Engine steps run (one talker forward and its frames).",
+    "decode_rows": "Talker decode rows, by path: static (the fixed-shape path CUDA replays) or eager.",
+    "prefill_rows": "Talker prompt rows prefilled.",
+    "host_syncs": "Device-to-host synchronisations made by engine steps.",
+    "codec_calls": "Codec decoder passes over generated frames.",
+    "codec_frames": "Generated frames decoded by the codec.",
+}
 
 
 class TTSEngine(Protocol):

@@ -182,7 +182,8 @@ class Engine:
                            kv_blocks_cached=self.blocks.num_cached, frames_generated=self._frames_generated,
                            extra={**self._step_times, **self.runner.timings,
                                   "preemptions": self.scheduler.preemptions,
-                                  "prefix_rows_reused": self.scheduler.prefix_rows_reused})
+                                  "prefix_rows_reused": self.scheduler.prefix_rows_reused},
+                           counters={"engine_steps": self._step_times["steps"]})
 
     def shutdown(self) -> None:
         self._stop = True

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.api import EngineStats
+from engine.api import COUNTER_HELP, EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "makima_tts:"
@@ -43,6 +43,23 @@ class _EngineCollector(Collector):
                                 s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         yield CounterMetricFamily(PREFIX + "frames_generated", "Codec frames (80 ms each) generated.",
                                   s.frames_generated)
+        yield from _engine_counters(s.counters)
+
+
+def _engine_counters(counters: dict[str, float]) -> Iterator[Metric]:
+    """``EngineStats.counters`` as Prometheus counters; ``name{label=value}`` keys become labelled samples."""
+    families: dict[str, CounterMetricFamily] = {}
+    for key, value in sorted(counters.items()):
+        name, _, label = key.partition("{")
+        if name not in COUNTER_HELP:
+            continue  # only documented counters are exported
+        label_name, _, label_value = label.rstrip("}").partition("=")
+        family = families.get(name)
+        if family is None:
+            family = families[name] = CounterMetricFamily(PREFIX + name, COUNTER_HELP[name],
+                                                          labels=[label_name] if label_name else None)
+        family.add_metric([label_value] if label_name else [], value)
+    yield from families.values()
 
 
 class Metrics:
