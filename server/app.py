@@ -155,13 +155,20 @@ def attach_engine(app: web.Application, engine: TTSEngine) -> None:
 
 def load_failed(app: web.Application, message: str) -> None:
     state = app[STATE]
-    state.load_error = message
+    state.load_error, state.load_progress = message, "failed"
     state.metrics.ready.set(0)
 
 
-def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine]) -> None:
+def _exit_server() -> None:
+    raise web.GracefulExit()  # a SystemExit: web.run_app leaves its loop and shuts the app down
+
+
+def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine],
+                       exit_on_failure: bool = False) -> None:
     """Start serving at once and load the model in a thread: /health answers, /ready says
-    "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns."""
+    "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns.
+    If it raises, /ready and every client get the reason; with ``exit_on_failure`` (``makima-tts
+    serve``) the server also stops, so the process exits and its supervisor sees the failure."""
 
     async def start(app: web.Application) -> None:
         loop, state = asyncio.get_running_loop(), app[STATE]
@@ -174,8 +181,12 @@ def load_in_background(app: web.Application, load: Callable[[Callable[[str], Non
             try:
                 engine = await loop.run_in_executor(None, load, progress)
             except Exception as e:  # reported by /ready and to every client as TTS_UNAVAILABLE
-                log.exception("loading the model failed")
+                # One line: the reason is in the message; the traceback only helps a developer.
+                log.error("loading the model failed: %s: %s", type(e).__name__, e)
+                log.debug("loading the model failed", exc_info=True)
                 load_failed(app, f"{type(e).__name__}: {e}")
+                if exit_on_failure:
+                    loop.call_soon(_exit_server)
                 return
             attach_engine(app, engine)
             log.info("ready")

@@ -6,6 +6,7 @@ Heavy imports (torch, the engine) happen inside each subcommand so ``--help`` is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -116,6 +117,16 @@ def _default_voices_dir() -> Path:
     return Path(base) / "makima-tts" / "voices"
 
 
+def _is_loopback(host: str) -> bool:
+    """Only this machine can connect: localhost or a loopback address (0.0.0.0 and :: are every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def _read_tokens(path: Path | None) -> frozenset[str]:
     if path is None:
         return frozenset()
@@ -176,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.lifecycle import run
     from server.loader import is_random, load_engine
     from server.settings import ServerSettings
+    from server.state import STATE
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = args.device
@@ -193,9 +205,19 @@ def _serve(args: argparse.Namespace) -> int:
                               drain_timeout_s=args.drain_timeout)
     if settings.noise_model:
         logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)
+    if not settings.auth_tokens and not _is_loopback(args.host):
+        logging.getLogger("makima").warning(
+            "listening on %s without --auth-token-file: anyone who can reach this port can synthesize, and "
+            "upload or delete voices", args.host)
     app = create_app(None, settings)
-    load_in_background(app, lambda progress: load_engine(args.model, device, progress))
+    load_in_background(app, lambda progress: load_engine(args.model, device, progress), exit_on_failure=True)
     run(app, args.host, args.port)
+    error = app[STATE].load_error
+    if error is not None:  # exit 1, so a supervisor (Kubernetes, systemd, Docker) sees a failed server
+        print(f"makima-tts serve: error: cannot load --model {args.model}: {error}\n"
+              f"  Serve a local checkpoint directory with --model PATH, or try the stack without weights "
+              f"with --model random:tiny (its audio is noise).", file=sys.stderr)
+        return 1
     return 0
 
 

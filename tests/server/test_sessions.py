@@ -222,6 +222,8 @@ async def test_background_load_reports_progress_then_ready_or_the_failure():
                 assert r.status == 200
             else:
                 assert r.status == 503 and "no checkpoint at /nowhere" in (await r.json())["reason"]
+                info = await (await client.get("/api/v1/info")).json()  # not "loading" forever
+                assert info["progress"] == "failed" and "no checkpoint at /nowhere" in info["error"]
                 ws = await client.ws_connect("/api/v1/speak")
                 await ws.send_json({"type": "start", "voice": "anna"})
                 err = await recv_json(ws)
