@@ -22,6 +22,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 24000
+MAX_REFERENCE_SECONDS = 60.0  # longest reference clip the offline CLI accepts (the server has its own limit)
 
 # Declared data sizes at or above this are "length unknown" markers written by streaming
 # encoders (0xFFFFFFFF, sox's 0x7FFFF000), not evidence of a cut-off file.

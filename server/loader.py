@@ -68,28 +68,35 @@ def is_random(model: str) -> bool:
     return model.startswith(RANDOM_PREFIX)
 
 
-def load_engine(model: str, device: str, progress: Callable[[str], None]) -> TTSEngine:
-    """``model``: a checkpoint directory, a hub id, or ``random:PRESET`` (a random checkpoint in the
-    real layout, written to a temporary directory: it serves noise, for trying the stack)."""
+def checkpoint_dir(model: str, progress: Callable[[str], None]) -> str:
+    """``model`` as a local checkpoint directory: itself, a hub id fetched (with retries), or for
+    ``random:PRESET`` a random checkpoint in the real layout written to a temporary directory
+    (it serves noise, for trying the stack; removed at exit)."""
+    from engine.checkpoint import resolve_model
+
+    if not is_random(model):
+        if not Path(model).expanduser().is_dir():  # a hub id: a download may follow
+            progress(f"finding {model}")
+        return str(fetch_with_retry(lambda: resolve_model(model), progress))
+    from engine.random_checkpoint import make_random_checkpoint
+
+    preset = model[len(RANDOM_PREFIX):]
+    progress(f"writing a random {preset} checkpoint")
+    tmp = tempfile.mkdtemp(prefix=f"makima-random-{preset}-")
+    atexit.register(shutil.rmtree, tmp, True)  # the engine reads it while it runs; gone at exit
+    path = str(make_random_checkpoint(Path(tmp) / "checkpoint", preset, seed=0))
+    log.warning("serving a RANDOM %s checkpoint from %s: its audio is noise", preset, path)
+    return path
+
+
+def load_engine(model: str, device: str, progress: Callable[[str], None], cpu_threads: int = 1) -> TTSEngine:
+    """``model``: a checkpoint directory, a hub id, or ``random:PRESET`` (see ``checkpoint_dir``)."""
     try:
-        from engine.checkpoint import resolve_model
         from engine.config import EngineConfig
         from engine.engine import Engine
     except ImportError as e:
         raise RuntimeError(f"the serving engine is not available in this build ({e})") from e
-    path: str = model
-    if is_random(model):
-        from engine.random_checkpoint import make_random_checkpoint
-
-        preset = model[len(RANDOM_PREFIX):]
-        progress(f"writing a random {preset} checkpoint")
-        tmp = tempfile.mkdtemp(prefix=f"makima-random-{preset}-")
-        atexit.register(shutil.rmtree, tmp, True)  # the engine reads it while it runs; gone at exit
-        path = str(make_random_checkpoint(tmp, preset, seed=0))
-        log.warning("serving a RANDOM %s checkpoint from %s: its audio is noise", preset, path)
-    else:
-        progress(f"finding {model}")
-        path = str(fetch_with_retry(lambda: resolve_model(model), progress))
+    path = checkpoint_dir(model, progress)
     progress(f"loading {path} on {device}")
     done = threading.Event()
     t0 = time.monotonic()
@@ -100,7 +107,7 @@ def load_engine(model: str, device: str, progress: Callable[[str], None]) -> TTS
 
     threading.Thread(target=ticker, daemon=True).start()
     try:
-        engine = Engine.from_model(path, EngineConfig(device=device))
+        engine = Engine.from_model(path, EngineConfig(device=device, cpu_threads=cpu_threads))
     finally:
         done.set()
     log.info("model loaded in %.1f s", time.monotonic() - t0)
