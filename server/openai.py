@@ -77,7 +77,7 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
     else:
         raise P.ProtocolError(P.INVALID_MESSAGE, "voice must be a name or {\"id\": name}")
     seed = _field(body, "seed", int)
-    language = (_field(body, "language", str, "auto") or "auto").strip().lower()
+    language = P.language_name(_field(body, "language", str, "auto") or "auto")
     start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=P.SamplingSpec(seed=seed))
     return start, text, fmt, stream_format
 
