@@ -97,12 +97,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return error_response(e, state)
     try:
         try:
-            voice, _ = await state.voice_prompt(start.voice)
+            voice, voice_name = await state.voice_prompt(start.voice)
         except P.ProtocolError as e:
             return error_response(e, state)
         state.metrics.input_chars.inc(len(text))
         req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
-        track = Tracker(state.metrics, engine.sample_rate)
+        track = Tracker(state.metrics, engine.sample_rate, req.request_id, voice_name)
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:
                 try:

@@ -73,7 +73,7 @@ async def test_disconnect_mid_stream_frees_kv_blocks_in_metrics():
             await asyncio.sleep(0.01)
         assert metric(text, "makima_tts:kv_blocks_used") == 0
         assert metric(text, "makima_tts:num_requests_running") == 0
-        assert metric(text, "makima_tts:kv_blocks_total") == 512
+        assert metric(text, "makima_tts:kv_blocks_capacity") == 512
         rid = engine.submitted[0].request_id
         assert rid not in engine.blocks
         for _ in range(100):
@@ -153,7 +153,7 @@ async def test_metrics_names_and_counts():
         assert metric(text, 'makima_tts:errors_total{code="INVALID_MESSAGE"}') == 1
         assert metric(text, "makima_tts:audio_seconds_total") == 8 * 0.08
         assert metric(text, "makima_tts:num_sessions") == 1 and metric(text, "makima_tts:ready") == 1
-        for name in ("num_requests_waiting", "kv_blocks_total", "kv_cache_usage_perc", "kv_blocks_cached"):
+        for name in ("num_requests_waiting", "kv_blocks_capacity", "kv_cache_usage_perc", "kv_blocks_cached"):
             metric(text, "makima_tts:" + name)
 
 
