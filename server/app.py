@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, web
 
 from engine.api import TTSEngine
-from server import openai, speak, voice_api
+from server import openai, openai_compat, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
 from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
@@ -222,7 +222,9 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Application:
     # Bodies: a JSON speech request or voice upload carries at most the base64 of max_upload_bytes.
-    app = web.Application(middlewares=[guard], client_max_size=settings.ws_max_message_bytes)
+    # openai_errors outermost, so the guard's refusals on /v1/ routes get OpenAI's shape too.
+    app = web.Application(middlewares=[openai_compat.openai_errors, guard],
+                          client_max_size=settings.ws_max_message_bytes)
     state = AppState(settings=settings, voices=VoiceRegistry(settings.voices_dir, settings.voice_cache_size,
                                                              settings.voice_cache_ttl_s))
     app[STATE] = state
@@ -231,7 +233,7 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app.add_routes([
         web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics),
         web.get("/api/v1/info", info), web.get("/api/v1/speak", speak.handle),
-        web.post("/v1/audio/speech", openai.handle), *voice_api.routes(),
+        web.post("/v1/audio/speech", openai.handle), *openai_compat.routes(), *voice_api.routes(),
         web.get("/", root), web.get("/speak", page),
     ])
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
