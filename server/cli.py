@@ -245,6 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import ServerSettings
     from server.state import STATE
 
+    if args.threads < 1:
+        raise ValueError("--threads must be >= 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = args.device
     if device == "auto":
@@ -266,8 +268,6 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on %s without --auth-token-file: anyone who can reach this port can synthesize, and "
             "upload or delete voices", args.host)
     app = create_app(None, settings)
-    if args.threads < 1:
-        raise ValueError("--threads must be >= 1")
     load_in_background(app, lambda progress: load_engine(args.model, device, progress, args.threads),
                        exit_on_failure=True)
     run(app, args.host, args.port)

@@ -37,7 +37,7 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def failed_servers(tmp_path_factory) -> dict[str, tuple[int, str]]:
-    """Three servers whose model cannot load, started at once (each pays torch's import), as
+    """Servers whose model cannot load (or whose --threads is bad), started at once (each pays torch's import), as
     name -> (exit code, output). They exit right after start-up, so the bind warning is already out."""
     tmp = tmp_path_factory.mktemp("serve")
     tokens = tmp / "tokens"
@@ -45,7 +45,8 @@ def failed_servers(tmp_path_factory) -> dict[str, tuple[int, str]]:
     missing = str(tmp / "no-such-checkpoint")
     procs = {"open": serve(tmp, "--host", "0.0.0.0", "--model", missing),
              "authed": serve(tmp, "--host", "0.0.0.0", "--auth-token-file", str(tokens), "--model", missing),
-             "local": serve(tmp, "--host", "127.0.0.1", "--model", "no-such-org/no-such-model")}  # offline
+             "local": serve(tmp, "--host", "127.0.0.1", "--model", "no-such-org/no-such-model"),  # offline
+             "threads": serve(tmp, "--threads", "0", "--model", missing)}
     return {name: finish(proc) for name, proc in procs.items()}
 
 
@@ -60,7 +61,12 @@ def test_a_model_that_cannot_load_exits_1_with_one_message_naming_the_ways_out(f
 
 def test_listening_beyond_loopback_without_auth_is_warned_about(failed_servers):
     warned = {name: WARNING in out for name, (_, out) in failed_servers.items()}
-    assert warned == {"open": True, "authed": False, "local": False}
+    assert warned == {"open": True, "authed": False, "local": False, "threads": False}
+
+
+def test_serve_threads_is_checked_at_once(failed_servers):
+    code, out = failed_servers["threads"]
+    assert code == 2 and out == "makima-tts serve: error: --threads must be >= 1\n"
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
