@@ -182,9 +182,10 @@ def load_in_background(app: web.Application, load: Callable[[Callable[[str], Non
                 engine = await loop.run_in_executor(None, load, progress)
             except Exception as e:  # reported by /ready and to every client as TTS_UNAVAILABLE
                 # One line: the reason is in the message; the traceback only helps a developer.
-                log.error("loading the model failed: %s: %s", type(e).__name__, e)
+                message = " ".join(f"{type(e).__name__}: {e}".split())  # hub errors carry newlines
+                log.error("loading the model failed: %s", message)
                 log.debug("loading the model failed", exc_info=True)
-                load_failed(app, f"{type(e).__name__}: {e}")
+                load_failed(app, message)
                 if exit_on_failure:
                     loop.call_soon(_exit_server)
                 return
