@@ -89,10 +89,11 @@ def fp32_log_mel_error_bound(audio_24k: torch.Tensor) -> torch.Tensor:
     - FFT (Higham, Accuracy and Stability of Numerical Algorithms, Thm 24.2): a radix-2
       Cooley-Tukey FFT has ||dX||_2 <= L eta / (1 - L eta) ||X||_2 with L = log2 N stages and
       eta = mu + gamma_4 (sqrt 2 + mu), mu = u the twiddle error; one more stage for the real-input
-      post-processing, L = log2 N + 1. Every bin gets the whole norm: |dX_k| <= ||dX||_2.
+      post-processing, L = log2 N + 1. That bounds the error's norm over all bins, E = ||dX||_2.
     - |X_k| from re^2 + im^2 + 1e-9 and sqrt: at most 2u |X_k| more (squares, sum, sqrt, to first order).
     - mel_m = sum_k W_mk |X_k| over the row's nnz_m nonzero weights (adding the exact zeros is exact):
-      |dmel_m| <= sum_k W_mk |d|X_k|| + gamma_nnz sum_k W_mk |X_k|, with gamma_n = n u / (1 - n u).
+      |dmel_m| <= sum_k W_mk |dX_k| + 2u sum_k W_mk |X_k| + gamma_nnz sum_k W_mk |X_k|, with
+      gamma_n = n u / (1 - n u), and sum_k W_mk |dX_k| <= ||W_m||_2 E (Cauchy-Schwarz).
     - clamp then ln: |d ln| <= |dmel| / max(mel - |dmel|, 1e-5), plus ln's own rounding (|ln| u + u).
     The bound is loose where a band holds little of its frame's energy (the FFT's error is spread by
     the frame's norm, not the band's): there the fp32 result is least determined, and there the
@@ -107,12 +108,12 @@ def fp32_log_mel_error_bound(audio_24k: torch.Tensor) -> torch.Tensor:
     norm_x = math.sqrt(N_FFT) * frames.norm(dim=1, keepdim=True)
     stages = math.log2(N_FFT) + 1
     eta = u + 4 * u / (1 - 4 * u) * (math.sqrt(2) + u)
-    d_mag = (2 * u + stages * eta / (1 - stages * eta)) * norm_x + 2 * u * mag
+    fft_error = (2 * u + stages * eta / (1 - stages * eta)) * norm_x  # [frames, 1]: E per frame
     w = mel_filterbank()
     nnz = torch.from_numpy((w != 0).sum(axis=1)).double()
     w = torch.from_numpy(w).double()
     mel = torch.sqrt(mag.pow(2) + 1e-9) @ w.T
-    d_mel = d_mag @ w.T + nnz * u / (1 - nnz * u) * mel
+    d_mel = fft_error * w.norm(dim=1) + 2 * u * (mag @ w.T) + nnz * u / (1 - nnz * u) * mel
     log_mel = torch.log(torch.clamp(mel, min=1e-5))
     return (d_mel / torch.clamp(mel - d_mel, min=1e-5) + u * log_mel.abs() + u)[None]
 
