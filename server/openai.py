@@ -76,9 +76,10 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
         spec = P.parse_voice(voice.strip().lower(), s.max_upload_bytes)
     else:
         raise P.ProtocolError(P.INVALID_MESSAGE, "voice must be a name or {\"id\": name}")
-    seed = _field(body, "seed", int)
+    # The one validation of sampling options every route shares (the WebSocket's start uses it too).
+    sampling = P.parse_sampling({"seed": body.get("seed")})
     language = (_field(body, "language", str, "auto") or "auto").strip().lower()
-    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=P.SamplingSpec(seed=seed))
+    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=sampling)
     return start, text, fmt, stream_format
 
 
