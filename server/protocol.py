@@ -223,7 +223,16 @@ def parse_sampling(value: Any) -> SamplingSpec:
 
 def _num(msg: dict, key: str) -> float | None:
     v = _get(msg, key, (int, float), "sampling")
-    return None if v is None else float(v)
+    return None if v is None else as_float(v, f"sampling.{key}")
+
+
+def as_float(value: int | float, what: str) -> float:
+    """A JSON number as a float, or a coded error: JSON integers are unbounded, and float() raises
+    OverflowError on one of 309+ digits (it closed the socket with no error frame)."""
+    try:
+        return float(value)
+    except OverflowError as e:
+        raise ProtocolError(INVALID_MESSAGE, f"{what} is out of range") from e
 
 
 def _parse_start(msg: dict, max_audio_bytes: int) -> Start:
