@@ -23,7 +23,9 @@ class ServerSettings:
     # Client→server frames are JSON; the largest legitimate one is a start with inline base64 audio.
     ws_max_message_bytes: int = 8 * 2**20 * 4 // 3 + 2**16
     heartbeat_s: float = 15.0  # below nginx's 60 s proxy_read_timeout and common LB idle timeouts
-    idle_timeout_s: float = 120.0  # no message and nothing to synthesize for this long → close
+    idle_timeout_s: float = 120.0  # no client message (pings/pongs do not count) and nothing to synthesize → close
+    # A socket takes its slot at the handshake; one that has not started after this long gives it back.
+    start_timeout_s: float = 30.0
     write_timeout_s: float = 30.0  # aiohttp has no write timeout; a client that never reads is dropped
     max_queued_utterances: int = 64  # per session
     max_append_chars: int = 16384  # unflushed text an append stream may hold

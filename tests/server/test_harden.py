@@ -3,7 +3,10 @@ answer, never a 500, a silent close or a held slot."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from aiohttp import WSMsgType
 
 from tests.server.conftest import recv_json, serve, wav_bytes
 
@@ -23,3 +26,32 @@ async def test_a_huge_integer_in_a_float_field_is_a_coded_error_and_the_session_
         assert (await recv_json(ws))["type"] == "ready"
         await ws.close()
 
+
+
+# ---- item 3: the idle timeout counts application messages only; a socket must start in time ---
+async def test_idle_timeout_fires_for_a_stock_client_that_answers_the_servers_pings():
+    # heartbeat 0.1 s: the server pings ten times a second and aiohttp's client pongs each one.
+    async with serve(voices=VOICES, heartbeat_s=0.1, idle_timeout_s=0.6) as client:
+        ws = await client.ws_connect("/api/v1/speak", autoping=True)
+        await ws.send_json({"type": "start", "voice": "anna"})
+        assert (await recv_json(ws))["type"] == "ready"
+        err = await recv_json(ws, timeout=5)
+        assert err["code"] == "IDLE_TIMEOUT", err
+        assert (await ws.receive(timeout=5)).type == WSMsgType.CLOSE
+
+
+async def test_a_socket_that_never_starts_gives_its_slot_back():
+    async with serve(voices=VOICES, heartbeat_s=0.1, max_sessions=1, start_timeout_s=0.5) as client:
+        silent = await client.ws_connect("/api/v1/speak", autoping=True)
+        err = await recv_json(silent, timeout=5)
+        assert err["code"] == "IDLE_TIMEOUT" and "start" in err["message"], err
+        await silent.close()
+        for _ in range(50):
+            ws = await client.ws_connect("/api/v1/speak")
+            await ws.send_json({"type": "start", "voice": "anna"})
+            if (await recv_json(ws))["type"] == "ready":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the silent socket's slot never came back")
+        await ws.close()
