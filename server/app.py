@@ -57,7 +57,11 @@ def _origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
     if origin.rstrip("/").lower() in allowed:
         return True
     # Same origin: compare host:port only, since a TLS-terminating proxy changes the scheme we see.
-    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[" and the like: no origin we could allow
+        return False
+    return netloc.lower() == (request.host or "").lower()
 
 
 def _token(request: web.Request) -> str | None:
@@ -72,7 +76,9 @@ def _token(request: web.Request) -> str | None:
 
 
 def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
-    if token is None:
+    # Accepted tokens are ASCII (cli._read_tokens); a header may decode to anything, lone surrogates
+    # included, which str.encode refuses: such a token is simply wrong.
+    if token is None or not token.isascii():
         return False
     # Compare against every token without stopping early: timing says nothing about which matched.
     ok = False

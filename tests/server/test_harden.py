@@ -4,6 +4,7 @@ answer, never a 500, a silent close or a held slot."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from aiohttp import WSMsgType
@@ -55,3 +56,38 @@ async def test_a_socket_that_never_starts_gives_its_slot_back():
         else:
             raise AssertionError("the silent socket's slot never came back")
         await ws.close()
+
+
+# ---- item 4: header parsing cannot raise --------------------------------------------------------
+async def raw_request(client, head: bytes) -> tuple[int, dict | None]:
+    """Send raw request bytes (headers no client library would send) and read the status and JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status = int(raw.split(b" ", 2)[1])
+    body = raw.partition(b"\r\n\r\n")[2]
+    return status, json.loads(body) if body.startswith(b"{") else None
+
+
+WS_UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+BAD_HEADERS = [
+    (b"POST /v1/audio/speech", b"Origin: http://[\r\nContent-Length: 0\r\n", 403, "FORBIDDEN"),
+    (b"GET /api/v1/speak", WS_UPGRADE + b"Origin: http://[::1\r\n", 403, "FORBIDDEN"),
+    (b"POST /v1/audio/speech", b"Authorization: Bearer \xff\xfe\r\nContent-Length: 0\r\n", 401, "UNAUTHORIZED"),
+    (b"GET /api/v1/speak", WS_UPGRADE + b"Sec-WebSocket-Protocol: makima-tts.v1, bearer.\xe9\xff\r\n", 401,
+     "UNAUTHORIZED"),
+]
+
+
+@pytest.mark.parametrize(("line", "headers", "status", "code"), BAD_HEADERS)
+async def test_a_header_no_parser_expects_is_refused_with_a_code_and_no_traceback(line, headers, status, code, caplog):
+    async with serve(voices=VOICES, auth_tokens=frozenset({"right-token"})) as client:
+        got = await raw_request(client, line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers
+                                + b"\r\n")
+    assert got[0] == status and got[1] is not None and got[1]["code"] == code, got
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
