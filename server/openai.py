@@ -21,6 +21,7 @@ from aiohttp import web
 
 from engine.api import AudioChunk, Finished
 from server import protocol as P
+from server.bodies import json_body
 from server.limits import request_key
 from server.pcm import FILE_FORMATS, encode_file, encode_pcm, wav_header
 from server.speak import error_response
@@ -86,10 +87,7 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
 async def handle(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     try:
-        try:
-            body = await request.json(loads=P.loads)
-        except ValueError as e:  # bad JSON, bad UTF-8, NaN/Infinity
-            raise P.ProtocolError(P.INVALID_MESSAGE, f"the body is not valid JSON: {e}") from e
+        body = await json_body(request)
         start, text, fmt, stream_format = parse(body, state)
         engine = state.require_engine()
         state.check_language(start.language)

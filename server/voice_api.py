@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import BodyPartReader, web
 
 from server import protocol as P
+from server.bodies import json_body
 from server.speak import error_response
 from server.state import AppState, get_state
 from server.voices import slug
@@ -42,10 +43,7 @@ async def create(request: web.Request) -> web.Response:
     try:
         engine = state.require_engine()
         if request.content_type == "application/json":
-            try:
-                body = await request.json(loads=P.loads)
-            except ValueError as e:  # bad JSON, bad UTF-8, NaN/Infinity
-                raise P.ProtocolError(P.INVALID_MESSAGE, f"the body is not valid JSON: {e}") from e
+            body = await json_body(request)
             if not isinstance(body, dict) or not isinstance(body.get("ref_audio"), str):
                 raise P.ProtocolError(P.INVALID_MESSAGE, "JSON voice uploads need ref_audio (base64)")
             audio = P.decode_base64_audio(body["ref_audio"], s.max_upload_bytes)

@@ -91,3 +91,13 @@ async def test_a_header_no_parser_expects_is_refused_with_a_code_and_no_tracebac
                                 + b"\r\n")
     assert got[0] == status and got[1] is not None and got[1]["code"] == code, got
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+# ---- item 6: an unknown charset on a JSON body --------------------------------------------------
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/api/v1/voices"])
+async def test_an_unknown_charset_on_a_json_body_is_a_coded_400(path, caplog):
+    async with serve(voices=VOICES) as client:
+        resp = await client.post(path, data=b'{"input": "Hi.", "voice": "anna"}',
+                                 headers={"Content-Type": "application/json; charset=bogus"})
+        assert resp.status == 400 and (await resp.json())["code"] == "UNSUPPORTED"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
