@@ -88,6 +88,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_voices(request: web.Request) -> web.Response:
     state = get_state(request)
+    await state.voices.refresh()  # other replicas sharing the directory may have changed it
     return web.json_response({"voices": [v.public() for v in state.voices.list()],
                               "default": state.settings.default_voice})
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
 from tests.server.conftest import recv_json, serve, wav_bytes
+from tests.server.fake_engine import FakeEngine
 
 VOICES = {"anna": wav_bytes(1.0)}
 HUGE = "1" + "0" * 400  # a JSON integer no float can hold
@@ -101,3 +103,40 @@ async def test_an_unknown_charset_on_a_json_body_is_a_coded_400(path, caplog):
                                  headers={"Content-Type": "application/json; charset=bogus"})
         assert resp.status == 400 and (await resp.json())["code"] == "UNSUPPORTED"
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+# ---- item 5: replicas sharing one voices directory ----------------------------------------------
+def voice_form(voice_id: str) -> aiohttp.FormData:
+    f = aiohttp.FormData()
+    f.add_field("audio", wav_bytes(1.0), filename="clip.wav", content_type="application/octet-stream")
+    f.add_field("voice_id", voice_id)
+    f.add_field("x_vector_only", "true")
+    return f
+
+
+async def test_two_replicas_on_one_voices_directory_agree_and_never_500(tmp_path):
+    engine = FakeEngine()
+    async with serve(engine, voices_dir=tmp_path) as a, serve(engine, voices_dir=tmp_path) as b:
+        assert (await a.post("/api/v1/voices", data=voice_form("anna"))).status == 201
+        # B started before A created it: it reads through to the disk.
+        again = await b.post("/api/v1/voices", data=voice_form("anna"))
+        assert again.status == 409 and (await again.json())["code"] == "VOICE_EXISTS"
+        assert [v["voice_id"] for v in (await (await b.get("/api/v1/voices")).json())["voices"]] == ["anna"]
+        ws = await b.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "anna"})
+        assert (await recv_json(ws))["type"] == "ready"  # B's prompt cache now holds anna
+        await ws.close()
+        assert (await a.delete("/api/v1/voices/anna")).status == 200
+        ws = await b.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "anna"})
+        err = await recv_json(ws)
+        assert (err["type"], err["code"]) == ("error", "VOICE_NOT_FOUND"), err
+        await ws.close()
+        speech = await b.post("/v1/audio/speech", json={"input": "Hi.", "voice": "anna", "response_format": "pcm"})
+        assert speech.status == 404 and (await speech.json())["code"] == "VOICE_NOT_FOUND"
+        gone = await b.delete("/api/v1/voices/anna")
+        assert gone.status == 404 and (await gone.json())["code"] == "VOICE_NOT_FOUND"
+        assert (await (await b.get("/api/v1/voices")).json())["voices"] == []
+        # and B may now create the id A gave up
+        assert (await b.post("/api/v1/voices", data=voice_form("anna"))).status == 201
+        assert (await a.get("/api/v1/voices/anna")).status == 200
