@@ -219,7 +219,8 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     # Bodies: a JSON speech request or voice upload carries at most the base64 of max_upload_bytes.
     app = web.Application(middlewares=[guard], client_max_size=settings.ws_max_message_bytes)
     state = AppState(settings=settings, voices=VoiceRegistry(settings.voices_dir, settings.voice_cache_size,
-                                                             settings.voice_cache_ttl_s))
+                                                             settings.voice_cache_ttl_s, settings.max_voices,
+                                                             settings.max_voices_bytes))
     app[STATE] = state
     if engine is not None:
         attach_engine(app, engine)

@@ -30,6 +30,10 @@ class ServerSettings:
     max_queued_utterances: int = 64  # per session
     max_append_chars: int = 16384  # unflushed text an append stream may hold
     voice_cache_size: int = 64  # prepared voice prompts kept in memory
+    # The voice store's quota (0: none). A stored voice is its clip as 16-bit 24 kHz mono (at most
+    # max_ref_seconds: 1.4 MB) plus its prompt (a few KB): 1000 voices fit in well under 2 GiB.
+    max_voices: int = 1000
+    max_voices_bytes: int = 2 * 2**30
     voice_cache_ttl_s: float = 3600.0
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may finish
     # Per-token limits (per client connection when there is no auth). Each replica counts its own:

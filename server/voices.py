@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from engine.api import EngineError, TTSEngine
 from engine.audio import SAMPLE_RATE, AudioError, load_audio_24k
@@ -37,7 +39,6 @@ from server.refaudio import check_decoded_size
 log = logging.getLogger("makima.server.voices")
 
 MANIFEST, PROMPT_FILE = "manifest.json", "prompt.safetensors"
-_EXT = re.compile(r"^[a-z0-9]{1,5}$")
 
 
 @dataclass
@@ -92,8 +93,9 @@ class PromptCache:
 
 
 async def make_prompt(engine: TTSEngine, audio: bytes, ref_text: str | None, x_vector_only: bool,
-                      max_seconds: float) -> tuple[VoicePrompt, float]:
-    """Decode reference audio (off the event loop) and ask the engine for its voice prompt."""
+                      max_seconds: float) -> tuple[VoicePrompt, np.ndarray]:
+    """Decode reference audio (off the event loop) and ask the engine for its voice prompt; returns
+    the prompt and the decoded clip (24 kHz mono, at most max_seconds), which is what gets stored."""
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, check_decoded_size, audio, max_seconds)
     try:
@@ -108,12 +110,21 @@ async def make_prompt(engine: TTSEngine, audio: bytes, ref_text: str | None, x_v
         raise P.ProtocolError(P.AUDIO_ERROR_CODES.get(e.code, P.INVALID_AUDIO), str(e)) from e
     except ValueError as e:  # the engine's own input checks (e.g. ICL without a transcript)
         raise P.ProtocolError(P.INVALID_MESSAGE, str(e)) from e
-    return prompt, len(wave) / SAMPLE_RATE
+    return prompt, wave
+
+
+def wav_bytes(wave: np.ndarray) -> bytes:
+    """The stored reference clip: 16-bit WAV at 24 kHz mono, 48 KB a second, whatever was uploaded."""
+    buf = io.BytesIO()
+    sf.write(buf, wave, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 class VoiceRegistry:
-    def __init__(self, root: Path | None, cache_size: int = 64, ttl_s: float = 3600.0) -> None:
+    def __init__(self, root: Path | None, cache_size: int = 64, ttl_s: float = 3600.0, max_voices: int = 0,
+                 max_bytes: int = 0) -> None:
         self.root = root
+        self.max_voices, self.max_bytes = max_voices, max_bytes  # 0: no limit
         self.cache = PromptCache(cache_size, ttl_s)
         self._infos: dict[str, VoiceInfo] = {}  # the last seen state of each voice on disk
         self._memory: dict[str, VoicePrompt] = {}  # registered voices when there is no root
@@ -201,31 +212,62 @@ class VoiceRegistry:
             self.cache.put(key, prompt)
         return prompt
 
-    async def create(self, engine: TTSEngine, voice_id: str, speaker: str, audio: bytes, filename: str | None,
-                     transcript: str | None, x_vector_only: bool, language: str, max_seconds: float) -> VoiceInfo:
+    async def create(self, engine: TTSEngine, voice_id: str, speaker: str, audio: bytes, transcript: str | None,
+                     x_vector_only: bool, language: str, max_seconds: float) -> VoiceInfo:
         if not P.VOICE_ID.match(voice_id):
             raise P.ProtocolError(P.INVALID_VOICE_ID, "voice ids are 1-64 of [a-z0-9_-], not starting with - or _")
         if self.info(voice_id) is not None:
             raise P.ProtocolError(P.VOICE_EXISTS, f"voice {voice_id!r} exists; delete it first")
-        prompt, seconds = await make_prompt(engine, audio, transcript, x_vector_only, max_seconds)
-        ext = Path(filename or "").suffix.lower().lstrip(".")
-        info = VoiceInfo(voice_id=voice_id, speaker=speaker, language=language,
-                         ref_audio_file=f"reference.{ext if _EXT.match(ext) else 'bin'}",
+        loop = asyncio.get_running_loop()
+        await self._check_quota(0)  # before the engine spends time on a voice that could not be kept
+        prompt, wave = await make_prompt(engine, audio, transcript, x_vector_only, max_seconds)
+        info = VoiceInfo(voice_id=voice_id, speaker=speaker, language=language, ref_audio_file="reference.wav",
                          transcript=None if x_vector_only else transcript, x_vector_only=x_vector_only,
-                         duration_s=round(seconds, 3), created_at=time.time())
+                         duration_s=round(len(wave) / SAMPLE_RATE, 3), created_at=time.time())
         async with self._lock:
             if voice_id in self._infos:  # another upload of the same id won the race
                 raise P.ProtocolError(P.VOICE_EXISTS, f"voice {voice_id!r} exists; delete it first")
             if self.root is None:
+                await self._check_quota(0)
                 self._memory[voice_id] = prompt
             else:
-                if not await asyncio.get_running_loop().run_in_executor(None, self._write, info, audio, prompt):
+                clip = await loop.run_in_executor(None, wav_bytes, wave)
+                await self._check_quota(len(clip))
+                if not await loop.run_in_executor(None, self._write, info, clip, prompt):
                     raise P.ProtocolError(P.VOICE_EXISTS, f"voice {voice_id!r} exists; delete it first")
                 self.cache.put(self._cache_key(info), prompt)
             self._infos[voice_id] = info
         return info
 
-    def _write(self, info: VoiceInfo, audio: bytes, prompt: VoicePrompt) -> bool:
+    async def _check_quota(self, new_bytes: int) -> None:
+        """QUOTA_EXCEEDED if one more voice of ``new_bytes`` would pass max_voices or max_bytes. Counted
+        on disk, so replicas sharing the directory share the quota (each may overshoot it by the
+        uploads it has in flight at that moment)."""
+        if self.root is None:
+            count, used = len(self._memory), 0
+        else:
+            count, used = await asyncio.get_running_loop().run_in_executor(None, self._usage)
+        if self.max_voices and count >= self.max_voices:
+            raise P.ProtocolError(P.QUOTA_EXCEEDED, f"the server holds its limit of {self.max_voices} voices; "
+                                                    "delete one first")
+        if self.max_bytes and used + new_bytes > self.max_bytes:
+            raise P.ProtocolError(P.QUOTA_EXCEEDED, f"the voices directory is at its limit of {self.max_bytes} "
+                                                    "bytes; delete a voice first")
+
+    def _usage(self) -> tuple[int, int]:
+        """Voices on disk and the bytes all their folders hold (hidden in-progress folders included)."""
+        assert self.root is not None
+        count = used = 0
+        for d in self.root.iterdir():
+            try:
+                if d.is_dir():
+                    used += sum(f.stat().st_size for f in d.iterdir())
+                    count += not d.name.startswith(".")
+            except FileNotFoundError:  # a folder being renamed or removed right now
+                continue
+        return count, used
+
+    def _write(self, info: VoiceInfo, clip: bytes, prompt: VoicePrompt) -> bool:
         """Build the folder under a hidden name, then rename it into place: a crash never leaves half a
         voice, and the rename is the one atomic step that decides, across processes sharing the
         directory, who created the id. False: the id exists (another replica made it)."""
@@ -233,7 +275,7 @@ class VoiceRegistry:
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
-            (tmp / (info.ref_audio_file or "reference.bin")).write_bytes(audio)
+            (tmp / (info.ref_audio_file or "reference.wav")).write_bytes(clip)
             prompt.save(tmp / PROMPT_FILE)
             (tmp / MANIFEST).write_text(json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n")
             try:

@@ -4,10 +4,13 @@ answer, never a 500, a silent close or a held slot."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import aiohttp
+import numpy as np
 import pytest
+import soundfile as sf
 from aiohttp import WSMsgType
 
 from tests.server.conftest import recv_json, serve, wav_bytes
@@ -140,3 +143,55 @@ async def test_two_replicas_on_one_voices_directory_agree_and_never_500(tmp_path
         # and B may now create the id A gave up
         assert (await b.post("/api/v1/voices", data=voice_form("anna"))).status == 201
         assert (await a.get("/api/v1/voices/anna")).status == 200
+
+
+# ---- item 7 (and 11): voice quotas, stored clip size, a multipart body cap -----------------------
+async def test_voice_count_quota_is_a_coded_507_until_a_voice_is_deleted(tmp_path):
+    async with serve(voices_dir=tmp_path, max_voices=2) as client:
+        for vid in ("v1", "v2"):
+            assert (await client.post("/api/v1/voices", data=voice_form(vid))).status == 201
+        full = await client.post("/api/v1/voices", data=voice_form("v3"))
+        assert full.status == 507 and (await full.json())["code"] == "QUOTA_EXCEEDED"
+        assert (await client.delete("/api/v1/voices/v1")).status == 200
+        assert (await client.post("/api/v1/voices", data=voice_form("v3"))).status == 201
+
+
+async def test_voice_bytes_quota_counts_what_is_on_disk(tmp_path):
+    # A 1 s clip is stored as 48 KB of 16-bit 24 kHz mono: two fit in 120 KB, a third does not.
+    async with serve(voices_dir=tmp_path, max_voices_bytes=120_000) as client:
+        for vid in ("v1", "v2"):
+            assert (await client.post("/api/v1/voices", data=voice_form(vid))).status == 201
+        full = await client.post("/api/v1/voices", data=voice_form("v3"))
+        assert full.status == 507 and (await full.json())["code"] == "QUOTA_EXCEEDED"
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["v1", "v2"]  # nothing half-written left behind
+
+
+async def test_a_stored_clip_is_24k_mono_16_bit_whatever_was_uploaded(tmp_path):
+    t = np.arange(2 * 48000) / 48000
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 200 * t), 0.2 * np.sin(2 * np.pi * 300 * t)], axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, stereo.astype(np.float32), 48000, format="WAV", subtype="FLOAT")
+    upload = buf.getvalue()  # 768 KB
+    async with serve(voices_dir=tmp_path) as client:
+        f = aiohttp.FormData()
+        f.add_field("audio", upload, filename="big.wav", content_type="audio/wav")
+        f.add_field("voice_id", "big")
+        f.add_field("x_vector_only", "true")
+        assert (await client.post("/api/v1/voices", data=f)).status == 201
+    stored = list((tmp_path / "big").glob("reference.*"))
+    assert len(stored) == 1 and stored[0].stat().st_size <= 2 * 24000 * 2 + 1024, (stored, len(upload))
+    info = sf.info(str(stored[0]))
+    assert (info.samplerate, info.channels, info.frames) == (24000, 1, 48000)
+
+
+@pytest.mark.parametrize(("fields", "size"), [(500, 1), (8, 16000)])
+async def test_a_multipart_body_is_capped_as_a_whole(fields, size, tmp_path):
+    async with serve(voices_dir=tmp_path) as client:
+        f = aiohttp.FormData()
+        for i in range(fields):
+            f.add_field(f"f{i}", "x" * size)
+        f.add_field("audio", wav_bytes(1.0), filename="clip.wav", content_type="audio/wav")
+        f.add_field("voice_id", "v")
+        f.add_field("x_vector_only", "true")
+        resp = await client.post("/api/v1/voices", data=f)
+        assert resp.status == 413 and (await resp.json())["code"] == "BODY_TOO_LARGE"
