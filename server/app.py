@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,7 @@ PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-refe
                                            "style-src 'self' 'unsafe-inline'; img-src 'self' data:"}
 
 
-def _origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+def _origin_allowed(request: web.Request, allowed: frozenset[str], auth: bool) -> bool:
     origin = request.headers.get("Origin")
     if origin is None or "*" in allowed:  # non-browser clients send none; they authenticate by token
         return True
@@ -61,7 +62,27 @@ def _origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
         netloc = urlsplit(origin).netloc
     except ValueError:  # "http://[" and the like: no origin we could allow
         return False
-    return netloc.lower() == (request.host or "").lower()
+    host = (request.host or "").lower()
+    if netloc.lower() != host:
+        return False
+    # Host alone proves nothing: a page on evil.example whose DNS is rebound to 127.0.0.1 sends
+    # Origin and Host evil.example and would pass. Without tokens, trust "same origin" only for a
+    # Host no DNS answer can rebind (an IP address or localhost); name other origins in --allowed-origins.
+    return auth or _is_literal_host(host)
+
+
+def _is_literal_host(host: str) -> bool:
+    if host.startswith("["):  # [v6]:port
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _token(request: web.Request) -> str | None:
@@ -92,7 +113,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     if _guarded(request):
         state = get_state(request)
         s = state.settings
-        if not _origin_allowed(request, s.allowed_origins):
+        if not _origin_allowed(request, s.allowed_origins, bool(s.auth_tokens)):
             return error_response(P.ProtocolError(P.FORBIDDEN, "this Origin may not use the API"), state)
         if s.auth_tokens:
             token = _token(request)

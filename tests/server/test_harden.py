@@ -195,3 +195,26 @@ async def test_a_multipart_body_is_capped_as_a_whole(fields, size, tmp_path):
         f.add_field("x_vector_only", "true")
         resp = await client.post("/api/v1/voices", data=f)
         assert resp.status == 413 and (await resp.json())["code"] == "BODY_TOO_LARGE"
+
+
+# ---- item 8: same origin does not trust Host alone ----------------------------------------------
+async def test_dns_rebinding_host_is_not_same_origin_without_auth():
+    async with serve(voices=VOICES) as client:
+        port = client.port
+        evil = {"Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}"}
+        resp = await client.post("/v1/audio/speech", headers=evil, json={"input": "Hi.", "voice": "anna"})
+        assert resp.status == 403 and (await resp.json())["code"] == "FORBIDDEN"
+        # the page served on a literal address is still its own origin
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            ok = await client.post("/v1/audio/speech", headers={"Origin": f"http://{host}", "Host": host},
+                                   json={"input": "Hi.", "voice": "anna", "response_format": "pcm"})
+            assert ok.status == 200, (host, ok.status)
+
+
+async def test_a_named_host_is_same_origin_when_tokens_guard_the_server_or_it_is_allowed():
+    headers = {"Origin": "http://tts.example:80", "Host": "tts.example:80", "Authorization": "Bearer t"}
+    body = {"input": "Hi.", "voice": "anna", "response_format": "pcm"}
+    async with serve(voices=VOICES, auth_tokens=frozenset({"t"})) as client:
+        assert (await client.post("/v1/audio/speech", headers=headers, json=body)).status == 200
+    async with serve(voices=VOICES, allowed_origins=frozenset({"http://tts.example:80"})) as client:
+        assert (await client.post("/v1/audio/speech", headers=headers, json=body)).status == 200
