@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, web
 
 from engine.api import TTSEngine
-from server import openai, speak, voice_api
+from server import cors, openai, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
 from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
@@ -110,6 +110,8 @@ def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
+    if cors.is_preflight(request):  # before the token check: browsers send no token on a preflight
+        return cors.preflight(request, get_state(request).settings.allowed_origins)
     if _guarded(request):
         state = get_state(request)
         s = state.settings
@@ -219,6 +221,10 @@ def load_in_background(app: web.Application, load: Callable[[Callable[[str], Non
     app.on_cleanup.append(cleanup)
 
 
+async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    cors.add_headers(request, response, request.app[STATE].settings.allowed_origins)
+
+
 async def _on_startup(app: web.Application) -> None:
     state = app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.voices.load)
@@ -254,4 +260,5 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_add_cors_headers)
     return app

@@ -218,3 +218,33 @@ async def test_a_named_host_is_same_origin_when_tokens_guard_the_server_or_it_is
         assert (await client.post("/v1/audio/speech", headers=headers, json=body)).status == 200
     async with serve(voices=VOICES, allowed_origins=frozenset({"http://tts.example:80"})) as client:
         assert (await client.post("/v1/audio/speech", headers=headers, json=body)).status == 200
+
+
+# ---- item 9: CORS on the HTTP routes ------------------------------------------------------------
+APP = "https://app.example"
+
+
+async def test_a_preflight_from_an_allowed_origin_is_answered_before_the_token_check():
+    async with serve(voices=VOICES, auth_tokens=frozenset({"t"}), allowed_origins=frozenset({APP})) as client:
+        pre = await client.options("/v1/audio/speech", headers={
+            "Origin": APP, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status == 204, pre.status
+        assert pre.headers["Access-Control-Allow-Origin"] == APP
+        assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+        assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+        resp = await client.post("/v1/audio/speech", headers={"Origin": APP, "Authorization": "Bearer t"},
+                                 json={"input": "Hi.", "voice": "anna", "response_format": "pcm"})
+        assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == APP
+        assert "X-Sample-Rate" in resp.headers["Access-Control-Expose-Headers"]
+        # a coded refusal is readable by the page too
+        denied = await client.get("/api/v1/voices", headers={"Origin": APP})
+        assert denied.status == 401 and denied.headers["Access-Control-Allow-Origin"] == APP
+
+
+async def test_a_preflight_from_another_origin_is_refused_and_no_cors_headers_leak():
+    async with serve(voices=VOICES, allowed_origins=frozenset({APP})) as client:
+        pre = await client.options("/v1/audio/speech", headers={"Origin": "https://evil.example",
+                                                                 "Access-Control-Request-Method": "POST"})
+        assert pre.status == 403 and (await pre.json())["code"] == "FORBIDDEN"
+        assert "Access-Control-Allow-Origin" not in pre.headers
