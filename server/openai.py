@@ -105,7 +105,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:
                 try:
-                    return await _whole_file(stream, fmt, track, engine.sample_rate, state)
+                    return await _whole_file(request, stream, fmt, track, engine.sample_rate, state)
+                except ConnectionError:  # the client went away; stream_audio's exit cancels the request
+                    track.abandoned("client_gone")
+                    return web.Response(status=499)
                 except Exception as e:  # an engine that raises instead of reporting
                     log.exception("speech request failed")
                     track.abandoned("error")
@@ -115,9 +118,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state.release_slot(request_key(request))
 
 
-async def _whole_file(stream, fmt: str, track: Tracker, sample_rate: int, state: AppState) -> web.Response:
+async def _whole_file(request: web.Request, stream, fmt: str, track: Tracker, sample_rate: int,
+                      state: AppState) -> web.Response:
     parts: list[np.ndarray] = []
     async for item in stream:
+        # Nothing is written until the end, so no write notices a client that left: look for it at
+        # every chunk (aiohttp drops the transport on connection loss), or it generates to the end.
+        if request.transport is None or request.transport.is_closing():
+            raise ConnectionError("client went away")
         if isinstance(item, AudioChunk):
             parts.append(item.samples)
             track.sent(item)
@@ -126,7 +134,9 @@ async def _whole_file(stream, fmt: str, track: Tracker, sample_rate: int, state:
         else:
             track.done(item)
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    return web.Response(body=encode_file(audio, fmt, sample_rate), content_type=FILE_FORMATS[fmt][2])
+    # libsndfile's mp3/opus encoders take ~100 ms per minute of audio: off the loop, or every stream stalls.
+    body = await asyncio.get_running_loop().run_in_executor(None, encode_file, audio, fmt, sample_rate)
+    return web.Response(body=body, content_type=FILE_FORMATS[fmt][2])
 
 
 async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, track: Tracker, sample_rate: int,

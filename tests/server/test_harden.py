@@ -4,15 +4,20 @@ answer, never a 500, a silent close or a held slot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import threading
 
 import aiohttp
 import numpy as np
 import pytest
 import soundfile as sf
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 
+from server.app import create_app
+from server.settings import ServerSettings
+from server.state import STATE
 from tests.server.conftest import recv_json, serve, wav_bytes
 from tests.server.fake_engine import FakeEngine
 
@@ -248,3 +253,59 @@ async def test_a_preflight_from_another_origin_is_refused_and_no_cors_headers_le
                                                                  "Access-Control-Request-Method": "POST"})
         assert pre.status == 403 and (await pre.json())["code"] == "FORBIDDEN"
         assert "Access-Control-Allow-Origin" not in pre.headers
+
+
+# ---- item 10: whole-file requests --------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def production_runner(engine, **settings):
+    """The app under AppRunner's defaults, as ``web.run_app`` serves it: aiohttp's TestServer cancels a
+    handler when its client goes (handler_cancellation=True), which production does not do."""
+    app = create_app(engine, ServerSettings(**settings))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    await app[STATE].voices.create(engine, "anna", "anna", wav_bytes(1.0), None, True, "auto", 30.0)
+    try:
+        yield app, site._server.sockets[0].getsockname()[1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_abandoned_whole_file_request_is_cancelled_when_the_client_goes():
+    engine = FakeEngine(chunk_delay=0.05, chunk_frames=(1,))  # "w" * 180: 60 one-frame chunks, ~3 s
+    async with production_runner(engine) as (app, port):
+        body = json.dumps({"input": "w" * 180, "voice": "anna", "response_format": "mp3"}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        for _ in range(100):
+            if engine.blocks:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.blocks, "the request never started"
+        writer.close()
+        state = app[STATE]
+        for _ in range(40):  # 1 s: well before the 3 s it would take to generate to the end
+            if not engine.blocks and state.active == 0:
+                break
+            await asyncio.sleep(0.025)
+        assert not engine.blocks and state.active == 0, (engine.blocks, state.active)
+
+
+async def test_whole_file_encoding_runs_off_the_event_loop(monkeypatch):
+    from server import openai
+
+    threads = []
+    real = openai.encode_file
+
+    def spy(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+    monkeypatch.setattr(openai, "encode_file", spy)
+    async with serve(voices=VOICES) as client:
+        resp = await client.post("/v1/audio/speech",
+                                 json={"input": "Hello.", "voice": "anna", "response_format": "flac"})
+        assert resp.status == 200 and len(await resp.read()) > 0
+    assert threads and threads[0] is not threading.main_thread(), threads
