@@ -118,8 +118,15 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
         if not _origin_allowed(request, s.allowed_origins, bool(s.auth_tokens)):
             return error_response(P.ProtocolError(P.FORBIDDEN, "this Origin may not use the API"), state)
         if s.auth_tokens:
+            address = request.remote or ""
+            wait = state.limits.auth.retry_after(address)
+            if wait:
+                return error_response(P.ProtocolError(P.RATE_LIMITED, "too many failed token checks from this "
+                                                                      f"address; retry in {wait} s"), state,
+                                      headers={"Retry-After": str(wait)})
             token = _token(request)
             if not _token_ok(token, s.auth_tokens):
+                state.limits.auth.failed(address)
                 why = "missing token" if token is None else "wrong token"
                 return error_response(P.ProtocolError(P.UNAUTHORIZED, f"{why}: send Authorization: Bearer TOKEN, or "
                                                                       f"on a WebSocket the subprotocols {SUBPROTOCOL}, "

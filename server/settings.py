@@ -43,6 +43,10 @@ class ServerSettings:
     # streaming tokens through append sends tens a second, a flood thousands.
     max_messages_per_s: float = 100.0  # 0: no limit
     message_burst: int = 200  # messages allowed at once above the rate
+    # Failed token checks per client address: a burst for typos and restarts, then one every 2 s;
+    # beyond it RATE_LIMITED (429, Retry-After) before the token is looked at. 0: no throttle.
+    auth_failures_per_s: float = 0.5
+    auth_failure_burst: int = 20
     # Health: engine work waited on with no output from the engine at all for this long means the
     # engine is stuck (e.g. its thread died); /health turns 503 so an orchestrator restarts the process.
     engine_stall_s: float = 60.0

@@ -309,3 +309,15 @@ async def test_whole_file_encoding_runs_off_the_event_loop(monkeypatch):
                                  json={"input": "Hello.", "voice": "anna", "response_format": "flac"})
         assert resp.status == 200 and len(await resp.read()) > 0
     assert threads and threads[0] is not threading.main_thread(), threads
+
+
+# ---- item 12: failed-auth throttling and a write deadline that sees the client read -------------
+async def test_wrong_tokens_are_throttled_per_address_with_429_and_retry_after():
+    async with serve(voices=VOICES, auth_tokens=frozenset({"right"})) as client:  # default: a burst of 20
+        statuses = [(await client.get("/api/v1/voices", headers={"Authorization": f"Bearer guess{i}"})).status
+                    for i in range(25)]
+        assert statuses == [401] * 20 + [429] * 5, statuses
+        throttled = await client.get("/api/v1/voices", headers={"Authorization": "Bearer right"})
+        # refused before the token is looked at: a right guess looks like a wrong one while it lasts
+        assert throttled.status == 429 and (await throttled.json())["code"] == "RATE_LIMITED"
+        assert int(throttled.headers["Retry-After"]) >= 1
