@@ -22,7 +22,7 @@ from aiohttp import web
 from engine.api import AudioChunk, Finished
 from server import protocol as P
 from server.bodies import json_body
-from server.limits import request_key
+from server.limits import limit_send_buffer, request_key
 from server.pcm import FILE_FORMATS, encode_file, encode_pcm, wav_header
 from server.speak import error_response
 from server.state import AppState, get_state
@@ -200,6 +200,7 @@ async def _prepare(request: web.Request, fmt: str, sse: bool, sample_rate: int) 
     resp = web.StreamResponse(headers={"Content-Type": ctype, "Cache-Control": "no-store",
                                        "X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le"})
     await resp.prepare(request)
+    limit_send_buffer(request.transport, get_state(request).settings.send_buffer_bytes)
     if fmt == "wav" and not sse:
         await resp.write(wav_header(sample_rate, "pcm_s16le"))
     return resp

@@ -27,6 +27,10 @@ class ServerSettings:
     # A socket takes its slot at the handshake; one that has not started after this long gives it back.
     start_timeout_s: float = 30.0
     write_timeout_s: float = 30.0  # aiohttp has no write timeout; a client that never reads is dropped
+    # The kernel send buffer of an audio stream (limits.limit_send_buffer; Linux doubles it to 256 KB,
+    # ~2.7 s of 16-bit audio): more than a fast link keeps in flight, so a stalled reader is noticed
+    # within write_timeout_s rather than minutes later.
+    send_buffer_bytes: int = 128 * 1024
     max_queued_utterances: int = 64  # per session
     max_append_chars: int = 16384  # unflushed text an append stream may hold
     voice_cache_size: int = 64  # prepared voice prompts kept in memory

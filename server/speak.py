@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
-from server.limits import TokenBucket, request_key
+from server.limits import TokenBucket, limit_send_buffer, request_key
 from server.pcm import encode_pcm
 from server.sentences import SentenceBuffer
 from server.state import AppState, get_state
@@ -255,6 +255,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
                                protocols=(SUBPROTOCOL,))
     await ws.prepare(request)
+    limit_send_buffer(request.transport, s.send_buffer_bytes)
     key = request_key(request)
     session = Session(state, ws, request.transport, state.limits.bucket(key))
     try:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
 import threading
 
 import aiohttp
@@ -321,3 +322,35 @@ async def test_wrong_tokens_are_throttled_per_address_with_429_and_retry_after()
         # refused before the token is looked at: a right guess looks like a wrong one while it lasts
         assert throttled.status == 429 and (await throttled.json())["code"] == "RATE_LIMITED"
         assert int(throttled.headers["Retry-After"]) >= 1
+
+
+def ws_frame(msg: dict) -> bytes:
+    """A masked client text frame, written by hand: the socket under it is one the test set up."""
+    data, mask = json.dumps(msg).encode(), b"\x01\x02\x03\x04"
+    head = bytes([0x81, 0x80 | len(data)]) if len(data) < 126 else bytes([0x81, 0xFE]) + len(data).to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+async def test_a_client_that_never_reads_is_dropped_before_megabytes_of_audio_pile_up():
+    engine = FakeEngine(chunk_delay=0.01, chunk_frames=(4,))  # ~1.5 MB/s of 16-bit audio
+    async with serve(engine, voices=VOICES, write_timeout_s=1.0) as client:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the client's side holds little
+        sock.connect(("127.0.0.1", client.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /api/v1/speak HTTP/1.1\r\nHost: 127.0.0.1\r\n" + WS_UPGRADE + b"\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ws_frame({"type": "start", "voice": "anna"}) + ws_frame({"type": "speak", "text": "w" * 4000}))
+        await writer.drain()
+        state = client.server.app[STATE]
+        for _ in range(200):
+            if not state.sessions:
+                break
+            await asyncio.sleep(0.05)
+        writer.close()
+        assert not state.sessions, "the session that never reads was not dropped"
+    # What went out unread before the drop: Linux autotuned the send buffer to ~4 MB (1008 frames were
+    # measured); bounded by send_buffer_bytes it is a few hundred KB.
+    unread = engine.frames_generated * 1920 * 2
+    assert unread < 1_500_000, unread
