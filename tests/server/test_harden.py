@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from aiohttp import WSMsgType, web
 
+from server import protocol as P
 from server.app import create_app
 from server.settings import ServerSettings
 from server.state import STATE
@@ -354,3 +355,21 @@ async def test_a_client_that_never_reads_is_dropped_before_megabytes_of_audio_pi
     # measured); bounded by send_buffer_bytes it is a few hundred KB.
     unread = engine.frames_generated * 1920 * 2
     assert unread < 1_500_000, unread
+
+
+async def test_a_delete_that_loses_the_race_to_another_replica_is_voice_not_found(tmp_path, monkeypatch):
+    from server.voices import VoiceRegistry
+
+    engine = FakeEngine()
+    a, b = VoiceRegistry(tmp_path), VoiceRegistry(tmp_path)
+    a.load()
+    b.load()
+    await a.create(engine, "anna", "anna", wav_bytes(1.0), None, True, "auto", 30.0)
+    seen = b.info("anna")
+    assert seen is not None
+    # B read the manifest just before A's delete renamed the folder away.
+    monkeypatch.setattr(b, "_read", lambda folder: seen)
+    await a.delete("anna")
+    with pytest.raises(P.ProtocolError) as e:
+        await b.delete("anna")
+    assert e.value.code == P.VOICE_NOT_FOUND
