@@ -4,10 +4,11 @@ bad seed once leaked a slot forever, issue #13).
 
 Each example is a list of steps: a WebSocket session with a wild start and wild messages, left
 politely or cut off; an OpenAI speech request with wild fields (seeds outside int64 included),
-read to the end or abandoned after its first bytes; voice routes with wild ids and bodies; headers
-no parser expects. After every sequence the invariant behind item 1 must hold: no session, slot,
-running engine request or KV block is left, and /health answers 200. A step that does not finish
-in its time limit is counted as a hang (measured, reported, and must be 0).
+read to the end or abandoned after its first bytes; voice routes with wild ids and JSON or
+multipart bodies (damaged clips included); headers no parser expects; the open routes. After
+every sequence the invariant behind item 1 must hold: no session, slot, running engine request or
+KV block is left, and /health answers 200. A step that does not finish in its time limit is
+counted as a hang (measured, reported, and must be 0).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ voice_step = st.tuples(st.just("voice"), st.sampled_from(["GET", "DELETE", "POST
                        st.sampled_from(S.PATH_TRICKS) | st.text(max_size=70), S.wild)
 header_step = st.tuples(st.just("headers"), st.sampled_from(["/v1/audio/speech", "/api/v1/voices", "/api/v1/speak"]),
                         st.sampled_from(range(len(BAD_HEADERS))))
-sequences = st.lists(ws_step | http_step | voice_step | header_step, min_size=1, max_size=6)
+form_step = st.tuples(st.just("form"), st.dictionaries(st.sampled_from(["name", "voice_id", "transcript",
+                                                                         "x_vector_only", "language", "bogus"])
+                                                        | st.text("abcxyz_-0", max_size=8),  # names aiohttp will send
+                                         st.text(max_size=60), max_size=6),
+                      st.none() | S.damaged_audio() | st.sampled_from(S.CLIPS))
+open_step = st.tuples(st.just("open"), st.sampled_from(["/health", "/ready", "/metrics", "/api/v1/info", "/speak",
+                                                        "/", "/static/../server/app.py", "/nothing"]))
+sequences = st.lists(ws_step | http_step | voice_step | header_step | form_step | open_step, min_size=1, max_size=6)
 
 
 async def ws(url: str, start: dict, frames: list[dict], cut: bool) -> None:
@@ -103,6 +111,25 @@ async def voice(url: str, method: str, voice_id: str, extra: object) -> None:
             assert r.status in (404, 405), (method, voice_id, r.status)
 
 
+async def form(url: str, fields: dict[str, str], audio: bytes | None) -> None:
+    data = aiohttp.FormData()
+    for k, v in fields.items():
+        data.add_field(k, v)
+    if audio is not None:
+        data.add_field("audio", audio, filename="clip.bin", content_type="application/octet-stream")
+    async with aiohttp.ClientSession() as http, http.post(url + "/api/v1/voices", data=data) as r:
+        j = await r.json()
+        assert r.status == 201 or (j["code"] in CODES and P.HTTP_STATUS[j["code"]] == r.status), (r.status, j)
+        if r.status == 201 and j["voice_id"] != VOICE:
+            await http.delete(url + "/api/v1/voices/" + j["voice_id"])
+
+
+async def open_route(url: str, path: str) -> None:
+    async with aiohttp.ClientSession() as http, http.get(url + path, allow_redirects=False) as r:
+        await r.read()
+        assert r.status < 500 or (path == "/ready" and r.status == 503), (path, r.status)
+
+
 async def headers(port: int, path: str, which: int) -> None:
     head = "".join(f"{k}: {v}\r\n" for k, v in BAD_HEADERS[which].items()).encode("utf-8", "surrogateescape")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -126,6 +153,10 @@ async def step(server, s: tuple) -> None:
         await speech(url, *s[1:])
     elif kind == "voice":
         await voice(url, *s[1:])
+    elif kind == "form":
+        await form(url, *s[1:])
+    elif kind == "open":
+        await open_route(url, *s[1:])
     else:
         await headers(server.port, *s[1:])
 
@@ -180,12 +211,12 @@ def real_server(tiny_engine_shared):
 
 @pytest.mark.timeout(150)
 def test_sequences_of_bad_requests_and_disconnects_leave_nothing_fake_engine(fake_server, report) -> None:
-    fuzz_sequences(fake_server, 100, report, "fake")
+    fuzz_sequences(fake_server, 150, report, "fake")
 
 
 @pytest.mark.timeout(200)
 def test_sequences_of_bad_requests_and_disconnects_leave_nothing_real_engine(real_server, report) -> None:
-    fuzz_sequences(real_server, 40, report, "real")
+    fuzz_sequences(real_server, 60, report, "real")
 
 
 @pytest.mark.slow
