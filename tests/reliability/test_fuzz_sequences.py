@@ -221,6 +221,11 @@ def test_sequences_of_bad_requests_and_disconnects_leave_nothing_real_engine(rea
 
 @pytest.mark.slow
 @pytest.mark.timeout(280)
-def test_sequences_thorough(fake_server, real_server, report) -> None:
-    fuzz_sequences(fake_server, 300, report, "fake")
-    fuzz_sequences(real_server, 60, report, "real")
+def test_sequences_thorough_fake_engine(fake_server, report) -> None:
+    fuzz_sequences(fake_server, 1000, report, "fake")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_sequences_thorough_real_engine(real_server, report) -> None:
+    fuzz_sequences(real_server, 300, report, "real")
