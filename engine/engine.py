@@ -30,11 +30,10 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.generate import default_max_frames
 from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
-from engine.prompt import PromptError, build_prompt
+from engine.prompt import build_prompt
 from engine.request import RequestState, Status
 from engine.runner import FrameOutput, Runner
 from engine.scheduler import Plan, Scheduler
-from engine.text import TextError
 from engine.voice import VoicePrompt
 
 log = logging.getLogger("makima.engine")
@@ -197,7 +196,11 @@ class Engine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _admit(self, request: Request, consumer: _Consumer) -> None:
+        # The whole admission sits in the guard, state construction and registration included (a seed
+        # torch cannot take raised in RequestState and leaked the consumer's slot forever): any failure
+        # here becomes this request's coded Finished and leaves nothing of it behind.
         rid = request.request_id
+        state: RequestState | None = None
         try:
             if rid in self._states:
                 raise EngineError("DUPLICATE_ID", f"request id {rid!r} is already running")
@@ -212,21 +215,25 @@ class Engine:
             max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.prefill.shape[0])
             if max_frames < 1:
                 raise EngineError("TEXT_TOO_LONG", "the prompt does not fit in a request's sequence limit")
-        except (TextError, PromptError, ValueError) as e:
-            code = e.code if isinstance(e, EngineError) else "INVALID_REQUEST"
-            consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=str(e), error_code=code))
-            return
-        except Exception as e:  # anything else about this request fails it, never the engine thread
-            log.exception("admitting request %s failed", rid)
-            consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=f"{type(e).__name__}: {e}",
-                                  error_code="SYNTHESIS_ERROR"))
-            return
-        state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
-                             max_frames=max_frames)
-        self._states[rid] = state
-        self._consumers[rid] = consumer
-        self._codec_worker.submit(self.codec.open, rid, request.voice.ref_codes if request.voice.is_icl else None)
-        self.scheduler.add(state)
+            state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
+                                 max_frames=max_frames)
+            self._states[rid] = state
+            self._consumers[rid] = consumer
+            self._codec_worker.submit(self.codec.open, rid, request.voice.ref_codes if request.voice.is_icl else None)
+            self.scheduler.add(state)
+        except Exception as e:
+            if isinstance(e, (EngineError, ValueError)):  # refused input (TextError, PromptError, a bad seed)
+                code = e.code if isinstance(e, EngineError) else "INVALID_REQUEST"
+                message = str(e)
+            else:  # anything else about this request fails it, never the engine thread
+                log.exception("admitting request %s failed", rid)
+                code, message = "SYNTHESIS_ERROR", f"{type(e).__name__}: {e}"
+            if state is not None and self._states.get(rid) is state:  # registered before it failed: undo
+                self._states.pop(rid)
+                self._consumers.pop(rid, None)
+                self.scheduler.remove(state)
+                self._codec_worker.submit(self.codec.close, rid)
+            consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=message, error_code=code))
 
     def _cancel(self, request_id: str) -> None:
         state = self._states.get(request_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, web
 
 from engine.api import TTSEngine
-from server import openai, openai_compat, speak, voice_api
+from server import cors, openai, openai_compat, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
 from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
@@ -50,14 +51,38 @@ PAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-refe
                                            "style-src 'self' 'unsafe-inline'; img-src 'self' data:"}
 
 
-def _origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+def _origin_allowed(request: web.Request, allowed: frozenset[str], auth: bool) -> bool:
     origin = request.headers.get("Origin")
     if origin is None or "*" in allowed:  # non-browser clients send none; they authenticate by token
         return True
     if origin.rstrip("/").lower() in allowed:
         return True
     # Same origin: compare host:port only, since a TLS-terminating proxy changes the scheme we see.
-    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[" and the like: no origin we could allow
+        return False
+    host = (request.host or "").lower()
+    if netloc.lower() != host:
+        return False
+    # Host alone proves nothing: a page on evil.example whose DNS is rebound to 127.0.0.1 sends
+    # Origin and Host evil.example and would pass. Without tokens, trust "same origin" only for a
+    # Host no DNS answer can rebind (an IP address or localhost); name other origins in --allowed-origins.
+    return auth or _is_literal_host(host)
+
+
+def _is_literal_host(host: str) -> bool:
+    if host.startswith("["):  # [v6]:port
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _token(request: web.Request) -> str | None:
@@ -72,7 +97,9 @@ def _token(request: web.Request) -> str | None:
 
 
 def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
-    if token is None:
+    # Accepted tokens are ASCII (cli._read_tokens); a header may decode to anything, lone surrogates
+    # included, which str.encode refuses: such a token is simply wrong.
+    if token is None or not token.isascii():
         return False
     # Compare against every token without stopping early: timing says nothing about which matched.
     ok = False
@@ -83,14 +110,23 @@ def _token_ok(token: str | None, tokens: frozenset[str]) -> bool:
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
+    if cors.is_preflight(request):  # before the token check: browsers send no token on a preflight
+        return cors.preflight(request, get_state(request).settings.allowed_origins)
     if _guarded(request):
         state = get_state(request)
         s = state.settings
-        if not _origin_allowed(request, s.allowed_origins):
+        if not _origin_allowed(request, s.allowed_origins, bool(s.auth_tokens)):
             return error_response(P.ProtocolError(P.FORBIDDEN, "this Origin may not use the API"), state)
         if s.auth_tokens:
+            address = request.remote or ""
+            wait = state.limits.auth.retry_after(address)
+            if wait:
+                return error_response(P.ProtocolError(P.RATE_LIMITED, "too many failed token checks from this "
+                                                                      f"address; retry in {wait} s"), state,
+                                      headers={"Retry-After": str(wait)})
             token = _token(request)
             if not _token_ok(token, s.auth_tokens):
+                state.limits.auth.failed(address)
                 why = "missing token" if token is None else "wrong token"
                 return error_response(P.ProtocolError(P.UNAUTHORIZED, f"{why}: send Authorization: Bearer TOKEN, or "
                                                                       f"on a WebSocket the subprotocols {SUBPROTOCOL}, "
@@ -204,6 +240,10 @@ def load_in_background(app: web.Application, load: Callable[[Callable[[str], Non
     app.on_cleanup.append(cleanup)
 
 
+async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    cors.add_headers(request, response, request.app[STATE].settings.allowed_origins)
+
+
 async def _on_startup(app: web.Application) -> None:
     state = app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.voices.load)
@@ -227,7 +267,8 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app = web.Application(middlewares=[openai_compat.openai_errors, guard],
                           client_max_size=settings.ws_max_message_bytes)
     state = AppState(settings=settings, voices=VoiceRegistry(settings.voices_dir, settings.voice_cache_size,
-                                                             settings.voice_cache_ttl_s))
+                                                             settings.voice_cache_ttl_s, settings.max_voices,
+                                                             settings.max_voices_bytes))
     app[STATE] = state
     if engine is not None:
         attach_engine(app, engine)
@@ -240,4 +281,5 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_add_cors_headers)
     return app

@@ -121,6 +121,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-messages-per-second", type=float, default=float(_env("MAX_MESSAGES_PER_SECOND", "100")),
                    help="client messages (WebSocket frames, API requests) per second per token, or per connection "
                         "without auth, with bursts of twice that; 0: no limit (default: %(default)s)")
+    p.add_argument("--max-voices", type=int, default=int(_env("MAX_VOICES", "1000")),
+                   help="voices the store may hold (shared by replicas on one --voices-dir); 0: no limit "
+                        "(default: %(default)s)")
+    p.add_argument("--max-voices-bytes", type=int, default=int(_env("MAX_VOICES_BYTES", str(2 * 2**30))),
+                   help="bytes the voices directory may hold; 0: no limit (default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "30")),
                    help="on SIGTERM, seconds running utterances get to finish before the process exits "
                         "(default: %(default)s)")
@@ -260,6 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
                               max_sessions_per_token=args.max_sessions_per_token,
                               max_messages_per_s=args.max_messages_per_second,
                               message_burst=max(1, int(2 * args.max_messages_per_second)),
+                              max_voices=args.max_voices, max_voices_bytes=args.max_voices_bytes,
                               drain_timeout_s=args.drain_timeout)
     if settings.noise_model:
         logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)

@@ -34,11 +34,14 @@ INVALID_VOICE_ID = "INVALID_VOICE_ID"
 VOICE_EXISTS = "VOICE_EXISTS"
 IDLE_TIMEOUT = "IDLE_TIMEOUT"
 RATE_LIMITED = "RATE_LIMITED"  # this token's concurrent sessions or message rate is over its limit
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the voice store holds its limit of voices or bytes
+BODY_TOO_LARGE = "BODY_TOO_LARGE"  # an HTTP request body over its total cap
 
 HTTP_STATUS = {
     INVALID_MESSAGE: 400, UNSUPPORTED: 400, VOICE_NOT_FOUND: 404, INVALID_AUDIO: 400, AUDIO_TOO_LARGE: 413,
     AUDIO_TOO_LONG: 400, TEXT_TOO_LONG: 400, OVERLOADED: 503, UNAUTHORIZED: 401, FORBIDDEN: 403,
     TTS_UNAVAILABLE: 503, SYNTHESIS_ERROR: 500, INVALID_VOICE_ID: 400, VOICE_EXISTS: 409, RATE_LIMITED: 429,
+    QUOTA_EXCEEDED: 507, BODY_TOO_LARGE: 413,
 }
 
 # engine.audio.AudioError codes → ours (the file-path ones cannot happen for uploads).
@@ -235,7 +238,16 @@ def parse_sampling(value: Any) -> SamplingSpec:
 
 def _num(msg: dict, key: str) -> float | None:
     v = _get(msg, key, (int, float), "sampling")
-    return None if v is None else float(v)
+    return None if v is None else as_float(v, f"sampling.{key}")
+
+
+def as_float(value: int | float, what: str) -> float:
+    """A JSON number as a float, or a coded error: JSON integers are unbounded, and float() raises
+    OverflowError on one of 309+ digits (it closed the socket with no error frame)."""
+    try:
+        return float(value)
+    except OverflowError as e:
+        raise ProtocolError(INVALID_MESSAGE, f"{what} is out of range") from e
 
 
 def _parse_start(msg: dict, max_audio_bytes: int) -> Start:

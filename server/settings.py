@@ -23,11 +23,21 @@ class ServerSettings:
     # Client→server frames are JSON; the largest legitimate one is a start with inline base64 audio.
     ws_max_message_bytes: int = 8 * 2**20 * 4 // 3 + 2**16
     heartbeat_s: float = 15.0  # below nginx's 60 s proxy_read_timeout and common LB idle timeouts
-    idle_timeout_s: float = 120.0  # no message and nothing to synthesize for this long → close
+    idle_timeout_s: float = 120.0  # no client message (pings/pongs do not count) and nothing to synthesize → close
+    # A socket takes its slot at the handshake; one that has not started after this long gives it back.
+    start_timeout_s: float = 30.0
     write_timeout_s: float = 30.0  # aiohttp has no write timeout; a client that never reads is dropped
+    # The kernel send buffer of an audio stream (limits.limit_send_buffer; Linux doubles it to 256 KB,
+    # ~2.7 s of 16-bit audio): more than a fast link keeps in flight, so a stalled reader is noticed
+    # within write_timeout_s rather than minutes later.
+    send_buffer_bytes: int = 128 * 1024
     max_queued_utterances: int = 64  # per session
     max_append_chars: int = 16384  # unflushed text an append stream may hold
     voice_cache_size: int = 64  # prepared voice prompts kept in memory
+    # The voice store's quota (0: none). A stored voice is its clip as 16-bit 24 kHz mono (at most
+    # max_ref_seconds: 1.4 MB) plus its prompt (a few KB): 1000 voices fit in well under 2 GiB.
+    max_voices: int = 1000
+    max_voices_bytes: int = 2 * 2**30
     voice_cache_ttl_s: float = 3600.0
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may finish
     # Per-token limits (per client connection when there is no auth). Each replica counts its own:
@@ -37,6 +47,10 @@ class ServerSettings:
     # streaming tokens through append sends tens a second, a flood thousands.
     max_messages_per_s: float = 100.0  # 0: no limit
     message_burst: int = 200  # messages allowed at once above the rate
+    # Failed token checks per client address: a burst for typos and restarts, then one every 2 s;
+    # beyond it RATE_LIMITED (429, Retry-After) before the token is looked at. 0: no throttle.
+    auth_failures_per_s: float = 0.5
+    auth_failure_burst: int = 20
     # Health: engine work waited on with no output from the engine at all for this long means the
     # engine is stuck (e.g. its thread died); /health turns 503 so an orchestrator restarts the process.
     engine_stall_s: float = 60.0

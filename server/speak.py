@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
-from server.limits import TokenBucket, request_key
+from server.limits import TokenBucket, limit_send_buffer, request_key
 from server.pcm import encode_pcm
 from server.sentences import SentenceBuffer
 from server.state import AppState, get_state
@@ -256,6 +256,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
                                protocols=(SUBPROTOCOL,))
     await ws.prepare(request)
+    limit_send_buffer(request.transport, s.send_buffer_bytes)
     key = request_key(request)
     session = Session(state, ws, request.transport, state.limits.bucket(key))
     try:
@@ -278,19 +279,36 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def _deadline(session: Session, last_message: float, opened: float) -> tuple[float, str]:
+    """When the socket is closed for silence, and why. Only application messages count: aiohttp's
+    receive() timeout restarts on every ping and pong, and our own heartbeat makes every compliant
+    client pong, so that timeout never fired. A socket holds a slot from its handshake, so one that
+    never starts gets start_timeout_s to do so."""
+    s = session.settings
+    deadline, why = last_message + s.idle_timeout_s, f"no message for {s.idle_timeout_s:g} s"
+    if session.start is None and opened + s.start_timeout_s < deadline:
+        deadline, why = opened + s.start_timeout_s, f"no start within {s.start_timeout_s:g} s"
+    return deadline, why
+
+
 async def read_loop(session: Session) -> None:
-    ws, s = session.ws, session.settings
+    ws = session.ws
+    loop = asyncio.get_running_loop()
+    opened = last_message = loop.time()
     while not session.closing:
+        deadline, why = _deadline(session, last_message, opened)
         try:
-            msg = await ws.receive(timeout=s.idle_timeout_s)
+            msg = await asyncio.wait_for(ws.receive(), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
-            if session.busy:
+            if session.busy:  # speaking is not idling: look again a whole timeout later
+                last_message = loop.time()
                 continue
             with contextlib.suppress(ClientGone):
-                await session.send_error(P.ProtocolError(P.IDLE_TIMEOUT, f"no message for {s.idle_timeout_s:g} s"))
+                await session.send_error(P.ProtocolError(P.IDLE_TIMEOUT, why))
             await ws.close(code=WSCloseCode.OK, message=b"idle timeout")
             return
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            last_message = loop.time()
             if not session.bucket.take():
                 if await session.refuse():
                     continue

@@ -33,7 +33,7 @@ class BackgroundServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        await self.state.voices.create(self.engine, VOICE, VOICE, wav_bytes(1.0, sr=24000, freq=170.0), "v.wav",
+        await self.state.voices.create(self.engine, VOICE, VOICE, wav_bytes(1.0, sr=24000, freq=170.0),
                                        None, True, "auto", 30.0)
         return site._server.sockets[0].getsockname()[1]
 

@@ -51,7 +51,7 @@ async def live(engine, expected_errors: tuple[str, ...] = (), **settings):
     await client.start_server()
     try:
         state = client.app[STATE]
-        await state.voices.create(engine, VOICE, VOICE, wav_bytes(1.0, sr=24000, freq=170.0), "v.wav", None, True,
+        await state.voices.create(engine, VOICE, VOICE, wav_bytes(1.0, sr=24000, freq=170.0), None, True,
                                   "auto", 30.0)
         yield client, state, errors
     finally:

@@ -180,21 +180,25 @@ CASES = [
 
 def fuzz(server, case: Case, n: int, report) -> None:
     t0, rss0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    examples = 0
+    examples = hangs = 0
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=n == case.quick,
               suppress_health_check=list(HealthCheck))
     @given(case.strategy)
     def body(value) -> None:
-        nonlocal examples
+        nonlocal examples, hangs
         examples += 1
-        case.check(server, value)
+        try:
+            case.check(server, value)
+        except asyncio.TimeoutError:  # every exchange runs under a time limit: running out of it is a hang
+            hangs += 1
+            raise
 
     body()
     left = server.settle()
     files = sorted(str(p.relative_to(server.root)) for p in server.root.rglob("*") if p.is_file())
     report.update({"case": case.name, "examples": examples, "duration_s": round(time.monotonic() - t0, 1),
-                   "crashes": len(server.errors.records), "hangs": 0, "left_over": sum(left.values()),
+                   "crashes": len(server.errors.records), "hangs": hangs, "left_over": sum(left.values()),
                    "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)})
     assert not server.errors.records, server.errors.records[:3]
     assert not any(left.values()), left

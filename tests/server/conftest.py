@@ -53,7 +53,7 @@ async def serve(engine: FakeEngine | None = None, voices: dict[str, bytes] | Non
         for name, audio in (voices or {}).items():
             from server.state import STATE
 
-            await app[STATE].voices.create(engine, name, name, audio, "ref.wav", None, True, "auto", 30.0)
+            await app[STATE].voices.create(engine, name, name, audio, None, True, "auto", 30.0)
         yield client
     finally:
         await client.close()

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import pytest
+import soundfile as sf
 
 from server.sentences import SentenceBuffer
 from server.voices import PromptCache
@@ -35,7 +36,10 @@ async def test_create_list_get_delete_and_reload_from_disk(tmp_path):
         assert info["transcript"] == "Hello, I am Anna." and not info["x_vector_only"] and info["duration_s"] == 1.5
         folder = tmp_path / "anna-smith"
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["ref_audio_file"] == "reference.flac" and (folder / "reference.flac").read_bytes() == clip
+        # Stored as only as large as needed: 16-bit 24 kHz mono WAV, whatever was uploaded (#13 item 7).
+        stored = sf.info(str(folder / "reference.wav"))
+        assert manifest["ref_audio_file"] == "reference.wav" and (stored.samplerate, stored.channels) == (24000, 1)
+        assert stored.subtype == "PCM_16" and stored.frames == 36000
         assert (folder / "prompt.safetensors").is_file()
         r = await client.post("/api/v1/voices", data=form(wav_bytes(), name="x", voice_id="bob", x_vector_only="true"))
         assert r.status == 201
