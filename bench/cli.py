@@ -202,8 +202,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     oracle = None if args.no_official else args.oracle_python
     if oracle is not None and not Path(oracle).exists():
-        raise ValueError(f"--oracle-python {oracle}: not found (make the venv with shared/oracle/setup-oracle-venv.sh, "
-                         "pass its python, or use --no-official)")
+        raise ValueError(f"--oracle-python {oracle}: not found (make the venv with "
+                         "tests/fixtures/oracle/setup-oracle-venv.sh, pass its python, or use --no-official)")
     text = args.text or compare_official.DEFAULT_TEXT
     report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads)
     report.update(bench="compare-official", model=str(args.model), text=text, frames=list(args.frames),

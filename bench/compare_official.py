@@ -1,6 +1,6 @@
 """Ours vs the official qwen-tts on the same checkpoint and text, greedy, in one run.
 
-The official code runs in its own venv (../shared/oracle/setup-oracle-venv.sh) as a subprocess;
+The official code runs in its own venv (tests/fixtures/oracle/setup-oracle-venv.sh) as a subprocess;
 both sides synthesise the same text with an x-vector voice at two frame caps, and the per-frame
 time is the difference over the frame difference (prefill and start-up cancel). The memory-bandwidth
 floor of a frame is measured on the same machine in the same run.

@@ -22,6 +22,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 24000
+MAX_REFERENCE_SECONDS = 60.0  # longest reference clip the offline CLI accepts (the server has its own limit)
 
 # Declared data sizes at or above this are "length unknown" markers written by streaming
 # encoders (0xFFFFFFFF, sox's 0x7FFFF000), not evidence of a cut-off file.
@@ -85,7 +86,9 @@ def load_audio(source: str | Path | bytes, max_seconds: float | None = None) -> 
                 _check_duration(f.frames, sr, max_seconds, what)
             data = f.read(dtype="float32", always_2d=True)
     except sf.SoundFileError as e:  # libsndfile's own message says what is wrong with the bytes
-        raise AudioError("INVALID_AUDIO", f"cannot decode {what}: {e}") from e
+        # Its str() starts "Error opening <_io.BytesIO object at 0x...>": keep only libsndfile's reason.
+        reason = getattr(e, "error_string", None) or str(e)
+        raise AudioError("INVALID_AUDIO", f"cannot decode {what}: {reason}") from e
     except (OSError, RuntimeError) as e:
         raise AudioError("INVALID_AUDIO", f"cannot read {what}: {e}") from e
     if data.shape[0] == 0:

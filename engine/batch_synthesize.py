@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.api import Finished, Priority, Request
-from engine.audio import AudioError, load_audio_24k, write_wav
+from engine.audio import MAX_REFERENCE_SECONDS, AudioError, load_audio_24k, write_wav
 from engine.engine import Engine
-from engine.synthesize import MAX_REFERENCE_SECONDS
 from engine.voice import VoicePrompt
 
 FIELDS = {"id", "text", "language", "ref_audio", "ref_text", "x_vector_only", "non_streaming_text", "greedy", "seed",

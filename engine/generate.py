@@ -10,6 +10,7 @@ This path is the oracle for the serving engine: simple, batch 1, no paging.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ def predict_residual_codes(talker: Talker, hidden: torch.Tensor, c0: int, params
 
 @torch.inference_mode()
 def generate_codes(talker: Talker, prompt: Prompt, params: SamplingParams, max_frames: int,
-                   trace: Trace | None = None) -> GenerationResult:
+                   trace: Trace | None = None, on_frame: Callable[[int], None] | None = None) -> GenerationResult:
     cfg = talker.cfg
     device = prompt.prefill.device
     generator = None
@@ -104,6 +105,8 @@ def generate_codes(talker: Talker, prompt: Prompt, params: SamplingParams, max_f
         frame = [c0, *predict_residual_codes(talker, hidden, c0, params, generator, trace)]
         frames.append(frame)
         history.append(c0)
+        if on_frame is not None:
+            on_frame(len(frames))
         t2 = time.perf_counter()
         result.predictor_seconds += t2 - t1
         if g + 1 == max_frames:

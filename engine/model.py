@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,13 +105,15 @@ class TTSModel:
     @torch.inference_mode()
     def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
                    sampling: SamplingParams | None = None, max_frames: int | None = None,
-                   non_streaming_text: bool = False, trace: Trace | None = None) -> Synthesis:
-        """One utterance through the reference path: prompt → codes → waveform."""
+                   non_streaming_text: bool = False, trace: Trace | None = None,
+                   on_frame: Callable[[int], None] | None = None) -> Synthesis:
+        """One utterance through the reference path: prompt → codes → waveform (``on_frame(n)``
+        after each of the n frames generated, for progress)."""
         text_ids = self.tokenizer.target_ids(text)
         prompt = build_prompt(self.tts.talker, self.cfg, self.tokenizer.role_ids(), text_ids, voice, language,
                               non_streaming_text)
         result = generate_codes(self.tts.talker, prompt, sampling or self.sampling(),
-                                max_frames or self.max_frames_for(text_ids), trace)
+                                max_frames or self.max_frames_for(text_ids), trace, on_frame)
         t0 = time.perf_counter()
         audio = self.decode(result.codes, voice)
         return Synthesis(audio=audio, sample_rate=self.sample_rate, codes=result.codes,

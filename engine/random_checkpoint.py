@@ -89,12 +89,26 @@ def _write_weights(module: torch.nn.Module, path: Path, seed: int, dtype: torch.
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write ``out/`` with config files, tokenizer files, ``model.safetensors`` and
-    ``speech_tokenizer/``; returns the directory."""
+    ``speech_tokenizer/``; returns the directory. It is written next to ``out`` and moved into
+    place at the end, so a failure (no Qwen2 vocabulary installed, a full disk) leaves no
+    half-written checkpoint behind, and an existing ``out`` is replaced only by a whole one."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     root = Path(out)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_checkpoint(partial, preset, seed)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if root.exists():
         shutil.rmtree(root)
+    partial.rename(root)
+    return root
+
+
+def _write_checkpoint(root: Path, preset: str, seed: int) -> None:
     (root / "speech_tokenizer").mkdir(parents=True)
 
     text_ids = write_tiny_tokenizer(root) if preset == "tiny" else write_qwen2_tokenizer(root)
@@ -117,4 +131,3 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0)
     _write_weights(build_on_meta(lambda: Qwen3TTS(cfg)), root / "model.safetensors", seed, model_dtype)
     _write_weights(build_on_meta(lambda: SpeechTokenizer(cfg.speech_tokenizer)),
                    root / "speech_tokenizer" / "model.safetensors", seed + 1, torch.float32)
-    return root

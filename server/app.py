@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, web
 
 from engine.api import TTSEngine
-from server import cors, openai, speak, voice_api
+from server import cors, openai, openai_compat, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
 from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
@@ -191,13 +191,20 @@ def attach_engine(app: web.Application, engine: TTSEngine) -> None:
 
 def load_failed(app: web.Application, message: str) -> None:
     state = app[STATE]
-    state.load_error = message
+    state.load_error, state.load_progress = message, "failed"
     state.metrics.ready.set(0)
 
 
-def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine]) -> None:
+def _exit_server() -> None:
+    raise web.GracefulExit()  # a SystemExit: web.run_app leaves its loop and shuts the app down
+
+
+def load_in_background(app: web.Application, load: Callable[[Callable[[str], None]], TTSEngine],
+                       exit_on_failure: bool = False) -> None:
     """Start serving at once and load the model in a thread: /health answers, /ready says
-    "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns."""
+    "loading: ..." with progress, and the engine is attached when ``load(progress)`` returns.
+    If it raises, /ready and every client get the reason; with ``exit_on_failure`` (``makima-tts
+    serve``) the server also stops, so the process exits and its supervisor sees the failure."""
 
     async def start(app: web.Application) -> None:
         loop, state = asyncio.get_running_loop(), app[STATE]
@@ -210,8 +217,13 @@ def load_in_background(app: web.Application, load: Callable[[Callable[[str], Non
             try:
                 engine = await loop.run_in_executor(None, load, progress)
             except Exception as e:  # reported by /ready and to every client as TTS_UNAVAILABLE
-                log.exception("loading the model failed")
-                load_failed(app, f"{type(e).__name__}: {e}")
+                # One line: the reason is in the message; the traceback only helps a developer.
+                message = " ".join(f"{type(e).__name__}: {e}".split())  # hub errors carry newlines
+                log.error("loading the model failed: %s", message)
+                log.debug("loading the model failed", exc_info=True)
+                load_failed(app, message)
+                if exit_on_failure:
+                    loop.call_soon(_exit_server)
                 return
             attach_engine(app, engine)
             log.info("ready")
@@ -251,7 +263,9 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Application:
     # Bodies: a JSON speech request or voice upload carries at most the base64 of max_upload_bytes.
-    app = web.Application(middlewares=[guard], client_max_size=settings.ws_max_message_bytes)
+    # openai_errors outermost, so the guard's refusals on /v1/ routes get OpenAI's shape too.
+    app = web.Application(middlewares=[openai_compat.openai_errors, guard],
+                          client_max_size=settings.ws_max_message_bytes)
     state = AppState(settings=settings, voices=VoiceRegistry(settings.voices_dir, settings.voice_cache_size,
                                                              settings.voice_cache_ttl_s, settings.max_voices,
                                                              settings.max_voices_bytes))
@@ -261,7 +275,7 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app.add_routes([
         web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics),
         web.get("/api/v1/info", info), web.get("/api/v1/speak", speak.handle),
-        web.post("/v1/audio/speech", openai.handle), *voice_api.routes(),
+        web.post("/v1/audio/speech", openai.handle), *openai_compat.routes(), *voice_api.routes(),
         web.get("/", root), web.get("/speak", page),
     ])
     app.router.add_static("/static/", STATIC, follow_symlinks=False)

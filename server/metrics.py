@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.api import COUNTER_HELP, EngineStats
 
+# No "*_created" series beside every counter and histogram: process-wide, and nothing here reads them.
+disable_created_metrics()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "makima_tts:"
 # vLLM's TTFT buckets, cut at 80 s: TTS first audio beyond that is a failure anyway.
@@ -36,7 +46,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Engine requests being decoded.", s.running)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Engine requests waiting to be scheduled.", s.waiting)
         yield GaugeMetricFamily(PREFIX + "kv_blocks_used", "Paged KV blocks in use.", s.kv_blocks_used)
-        yield GaugeMetricFamily(PREFIX + "kv_blocks_total", "Paged KV blocks in the pool.", s.kv_blocks_total)
+        # A gauge: "_total" would read as a counter to Prometheus tooling (rate() over it is meaningless).
+        yield GaugeMetricFamily(PREFIX + "kv_blocks_capacity", "Paged KV blocks in the pool.", s.kv_blocks_total)
         yield GaugeMetricFamily(PREFIX + "kv_blocks_cached", "Free KV blocks holding reusable prefixes.",
                                 s.kv_blocks_cached)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).",
@@ -79,6 +90,7 @@ class Metrics:
         self.input_chars = Counter(PREFIX + "input_characters", "Characters of text accepted.", registry=r)
         self.ready = Gauge(PREFIX + "ready", "1 when the model is loaded and the server not draining.", registry=r)
         r.register(_EngineCollector(stats))
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,7 +79,7 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
         raise P.ProtocolError(P.INVALID_MESSAGE, "voice must be a name or {\"id\": name}")
     # The one validation of sampling options every route shares (the WebSocket's start uses it too).
     sampling = P.parse_sampling({"seed": body.get("seed")})
-    language = (_field(body, "language", str, "auto") or "auto").strip().lower()
+    language = P.language_name(_field(body, "language", str, "auto") or "auto")
     start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=sampling)
     return start, text, fmt, stream_format
 
@@ -96,12 +96,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return error_response(e, state)
     try:
         try:
-            voice, _ = await state.voice_prompt(start.voice)
+            voice, voice_name = await state.voice_prompt(start.voice)
         except P.ProtocolError as e:
             return error_response(e, state)
         state.metrics.input_chars.inc(len(text))
         req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
-        track = Tracker(state.metrics, engine.sample_rate)
+        track = Tracker(state.metrics, engine.sample_rate, req.request_id, voice_name)
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:
                 try:

@@ -174,10 +174,22 @@ def decode_base64_audio(data: str, max_bytes: int) -> bytes:
     return raw
 
 
+# ISO 639-1 codes of the languages Qwen3-TTS names in its config; a code is accepted wherever a name is.
+LANGUAGE_CODES = {"zh": "chinese", "en": "english", "fr": "french", "de": "german", "it": "italian",
+                  "ja": "japanese", "ko": "korean", "pt": "portuguese", "ru": "russian", "es": "spanish"}
+
+
+def language_name(value: str) -> str:
+    """A client's language (``English``, ``en``, ``EN``, empty for auto) → the model's name (``english``)."""
+    name = value.strip().lower() or "auto"
+    return LANGUAGE_CODES.get(name, name)
+
+
 def parse_voice(value: Any, max_audio_bytes: int) -> VoiceSpec | None:
     if value is None:
         return None
     if isinstance(value, str):
+        value = value.strip().lower()  # voice ids are lower case: "Anna" over HTTP or WebSocket is anna
         if not VOICE_ID.match(value):
             raise ProtocolError(VOICE_NOT_FOUND, f"no voice named {value[:64]!r} (ids are [a-z0-9_-], max 64)")
         return VoiceSpec(name=value)
@@ -251,7 +263,7 @@ def _parse_start(msg: dict, max_audio_bytes: int) -> Start:
     if max_frames is not None and max_frames < 1:
         raise ProtocolError(INVALID_MESSAGE, "start.max_frames must be >= 1")
     return Start(voice=parse_voice(msg.get("voice"), max_audio_bytes),
-                 language=_get(msg, "language", str, "start", "auto").strip().lower() or "auto",
+                 language=language_name(_get(msg, "language", str, "start", "auto")),
                  encoding=encoding, sampling=parse_sampling(msg.get("sampling")), priority=PRIORITIES[priority],
                  max_frames=max_frames, non_streaming_text=_get(msg, "non_streaming_text", bool, "start", False))
 

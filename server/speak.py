@@ -52,6 +52,7 @@ class Session:
         self.id = uuid.uuid4().hex[:16]
         self.start: P.Start | None = None
         self.voice: VoicePrompt | None = None
+        self.voice_name: str | None = None  # None: an inline voice
         self.queue: deque[Utterance] = deque()
         self.current: Utterance | None = None
         self.wakeup = asyncio.Event()
@@ -130,10 +131,10 @@ class Session:
             return
         engine = self.state.require_engine()
         self.state.check_language(msg.language)
-        self.voice, name = await self.state.voice_prompt(msg.voice)
+        self.voice, self.voice_name = await self.state.voice_prompt(msg.voice)
         self.start = msg
         self.worker = asyncio.create_task(self.run())
-        await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, name, msg.language))
+        await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, self.voice_name, msg.language))
 
     def enqueue(self, id: str | int, text: str) -> None:
         if len(self.queue) >= self.settings.max_queued_utterances:
@@ -203,8 +204,8 @@ class Session:
         state, start, voice = self.state, self.start, self.voice
         engine = state.engine
         assert start is not None and voice is not None and engine is not None  # start checked all three
-        track = Tracker(state.metrics, engine.sample_rate)
         request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}")
+        track = Tracker(state.metrics, engine.sample_rate, request.request_id, self.voice_name)
         finished: Finished | None = None
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:

@@ -4,8 +4,10 @@ and the two steps every synthesis route takes: resolve a voice, build an engine 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,10 +23,20 @@ from server.watch import EngineWatch
 
 log = logging.getLogger("makima.server")
 
-# OpenAI's built-in voice names: clients such as OpenWebUI send one of these; they map to the
-# default voice when one is configured.
+# OpenAI's built-in voice names: clients such as OpenWebUI send one of these; unless registered,
+# they map to --default-voice, or to the built-in voice when none is configured.
 OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer",
                            "verse", "marin", "cedar"})
+
+
+# The built-in voice's name in replies: not a valid voice id, so no registered voice can shadow it.
+BUILTIN_VOICE = "_builtin"
+BUILTIN_VOICE_DIR = Path(__file__).parent / "default_voice"
+
+
+@functools.cache
+def _builtin_voice_files() -> tuple[bytes, str]:
+    return (BUILTIN_VOICE_DIR / "ref.wav").read_bytes(), (BUILTIN_VOICE_DIR / "ref_text.txt").read_text().strip()
 
 
 @dataclass
@@ -106,17 +118,24 @@ class AppState:
         engine = self.require_engine()
         if spec is None:
             if not self.settings.default_voice:
-                raise P.ProtocolError(P.VOICE_NOT_FOUND, "no voice given and the server has no default voice")
+                return await self.builtin_voice(engine), BUILTIN_VOICE
             spec = P.VoiceSpec(name=self.settings.default_voice)
         if spec.name is not None:
             name = spec.name
-            if self.voices.info(name) is None and name in OPENAI_VOICES and self.settings.default_voice:
+            if self.voices.info(name) is None and name in OPENAI_VOICES:
+                if not self.settings.default_voice:
+                    return await self.builtin_voice(engine), BUILTIN_VOICE
                 name = self.settings.default_voice
             return await self.voices.prompt(name), name
         assert spec.ref_audio is not None
         prompt = await self.voices.inline_prompt(engine, spec.ref_audio, spec.ref_text, spec.x_vector_only,
                                                  self.settings.max_ref_seconds)
         return prompt, None
+
+    async def builtin_voice(self, engine: TTSEngine) -> VoicePrompt:
+        """The voice shipped in server/default_voice/ (see its MANIFEST.md), prepared once and cached."""
+        audio, transcript = _builtin_voice_files()
+        return await self.voices.inline_prompt(engine, audio, transcript, False, self.settings.max_ref_seconds)
 
     def request(self, text: str, voice: VoicePrompt, start: P.Start, request_id: str) -> Request:
         return Request(text=text, voice=voice, language=start.language,

@@ -4,6 +4,7 @@ audio with a guaranteed cancel, and keep the numbers every route reports and exp
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,8 @@ from engine.api import AudioChunk, Finished, Request, StopReason, TTSEngine
 from server import protocol as P
 from server.metrics import Metrics
 from server.watch import EngineWatch
+
+utterance_log = logging.getLogger("makima.server.utterance")
 
 
 async def stream_audio(engine: TTSEngine, request: Request,
@@ -43,13 +46,24 @@ async def stream_audio(engine: TTSEngine, request: Request,
 
 
 class Tracker:
-    """Timing and size of one utterance, from its turn to its end; feeds the metrics."""
+    """Timing and size of one utterance, from its turn to its end; feeds the metrics and writes the
+    utterance's one log line (``makima.server.utterance``: id, voice, frames, TTFA, RTF, stop reason)."""
 
-    def __init__(self, metrics: Metrics, sample_rate: int) -> None:
+    def __init__(self, metrics: Metrics, sample_rate: int, request_id: str = "", voice: str | None = None) -> None:
         self.metrics, self.sample_rate = metrics, sample_rate
+        self.request_id, self.voice = request_id, voice
         self.t0 = time.perf_counter()
         self.first_at: float | None = None
         self.samples = 0
+
+    def _log(self, outcome: str, frames: int | None = None, stop: str | None = None) -> None:
+        wall = time.perf_counter() - self.t0
+        ttfa = "-" if self.first_at is None else f"{(self.first_at - self.t0) * 1000:.0f}"
+        rtf = f"{wall / self.audio_s:.3f}" if self.audio_s else "-"
+        # key=value with no spaces in values (the voice is an id, or "inline"): one grep or logfmt parse away.
+        utterance_log.info("utterance id=%s voice=%s outcome=%s frames=%s audio_s=%.2f ttfa_ms=%s rtf=%s stop=%s",
+                           self.request_id or "-", self.voice or "inline", outcome,
+                           "-" if frames is None else frames, self.audio_s, ttfa, rtf, stop or "-")
 
     def sent(self, chunk: AudioChunk) -> None:
         if self.first_at is None:
@@ -63,6 +77,7 @@ class Tracker:
 
     def error(self, f: Finished) -> P.ProtocolError:
         self.metrics.requests.labels("error").inc()
+        self._log("error", f.frames, f.error_code or f.stop_reason.value)
         return P.ProtocolError(P.ENGINE_ERROR_CODES.get(f.error_code or "", P.SYNTHESIS_ERROR),
                                f.error or "synthesis failed")
 
@@ -76,10 +91,12 @@ class Tracker:
         if self.audio_s > 0:
             m.rtf.observe(wall / self.audio_s)
         ttfa = None if self.first_at is None else (self.first_at - self.t0) * 1000
+        self._log("ok", f.frames, f.stop_reason.value)
         return P.complete(id, f.frames, self.audio_s * 1000, ttfa, wall * 1000, f.stop_reason.value)
 
     def abandoned(self, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()
+        self._log(outcome)
 
 
 def failed(f: Finished) -> bool:

