@@ -47,7 +47,9 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-random-checkpoint", help="write a random checkpoint in the real layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"])
+    from engine.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--seed", type=int, default=0)
 
 
