@@ -53,17 +53,17 @@ def offer(cfg: ModelConfig) -> str:
     return "this VoiceDesign model makes a voice from an instruction; it has no speakers and clones no voice"
 
 
-def check_request_fits(cfg: ModelConfig, voice: VoicePrompt | None, speaker: str | None,
-                       instruct: bool) -> None:
-    """Refuse, with a coded error naming what the model offers, what its variant cannot do."""
+def check_request_fits(cfg: ModelConfig, clone: bool, speaker: str | None, instruct: bool) -> None:
+    """Refuse, with a coded error naming what the model offers, what its variant cannot do.
+    ``clone``: the request brings a voice to clone; ``instruct``: it brings an instruction."""
     kind = cfg.model_type
-    if voice is not None and kind != "base":
+    if clone and kind != "base":
         raise UnsupportedByModel("UNSUPPORTED_BY_MODEL", f"cannot clone a voice: {offer(cfg)}")
     if speaker is not None and kind != "custom_voice":
         raise UnsupportedByModel("UNSUPPORTED_BY_MODEL", f"no built-in speaker {speaker!r}: {offer(cfg)}")
     if instruct and not cfg.takes_instructions:
         raise UnsupportedByModel("UNSUPPORTED_BY_MODEL", f"cannot follow an instruction: {offer(cfg)}")
-    if kind == "base" and voice is None:
+    if kind == "base" and not clone:
         raise UnsupportedByModel("VOICE_REQUIRED", f"a voice is required: {offer(cfg)}")
     if kind == "custom_voice":
         if speaker is None:
@@ -99,7 +99,7 @@ def build_prompt(talker: Talker, cfg: ModelConfig, role_ids: list[int], text_ids
     tokenised instruction block (TextTokenizer.instruct_ids); check_request_fits says which apply."""
     if not text_ids:
         raise PromptError("text is empty")
-    check_request_fits(cfg, voice, speaker, bool(instruct_ids))
+    check_request_fits(cfg, voice is not None, speaker, bool(instruct_ids))
     device = talker.codec_head.weight.device
     codec_ids, text_sp = cfg.talker.codec, cfg.text_ids
     lang = language_id(cfg, language)

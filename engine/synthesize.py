@@ -11,7 +11,7 @@ import torch
 
 from engine.audio import load_audio_24k, write_wav
 from engine.model import TTSModel
-from engine.prompt import language_id
+from engine.prompt import check_request_fits, language_id
 from engine.voice import VoicePrompt
 
 MAX_REFERENCE_SECONDS = 60.0
@@ -34,6 +34,8 @@ class SynthesisRequest:
     max_frames: int | None = None
     non_streaming_text: bool = False
     codes_out: Path | None = None
+    speaker: str | None = None  # CustomVoice
+    instruct: str | None = None  # CustomVoice 1.7B, VoiceDesign
 
 
 def check_request(model: TTSModel, req: SynthesisRequest) -> None:
@@ -41,15 +43,18 @@ def check_request(model: TTSModel, req: SynthesisRequest) -> None:
     if not req.text or not req.text.strip():
         raise ValueError("--text is empty")
     language_id(model.cfg, req.language)
-    if req.ref_audio is None:
+    if req.ref_audio is None and model.info.clones_voices:
         raise ValueError("a reference voice is needed: --ref-audio REF.wav with --ref-text TEXT or --x-vector-only")
-    if not req.x_vector_only and not (req.ref_text and req.ref_text.strip()):
+    check_request_fits(model.cfg, req.ref_audio is not None, req.speaker, bool(req.instruct))
+    if req.ref_audio is not None and not req.x_vector_only and not (req.ref_text and req.ref_text.strip()):
         raise ValueError("ICL voice cloning needs --ref-text (the transcript of --ref-audio), or pass --x-vector-only")
     if req.max_frames is not None and req.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
 
 
-def voice_from_reference(model: TTSModel, req: SynthesisRequest) -> VoicePrompt:
+def voice_from_reference(model: TTSModel, req: SynthesisRequest) -> VoicePrompt | None:
+    if req.ref_audio is None:  # a CustomVoice speaker or a VoiceDesign instruction: nothing to clone
+        return None
     audio = load_audio_24k(req.ref_audio, max_seconds=MAX_REFERENCE_SECONDS)
     return model.voice_prompt(audio, req.ref_text, req.x_vector_only)
 
@@ -63,7 +68,8 @@ def run(model: TTSModel, req: SynthesisRequest) -> dict:
         # Record the seed we drew so any run can be repeated with --seed.
         params = replace(params, seed=int(torch.seed() % 2**31))
     t0 = time.perf_counter()
-    result = model.synthesize(req.text, voice, req.language, params, req.max_frames, req.non_streaming_text)
+    result = model.synthesize(req.text, voice, req.language, params, req.max_frames, req.non_streaming_text,
+                              speaker=req.speaker, instruct=req.instruct)
     wall = time.perf_counter() - t0
     write_wav(req.out, result.audio, result.sample_rate)
     if req.codes_out is not None:

@@ -16,7 +16,8 @@ DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synthesize", help="synthesize speech with a cloned voice into a WAV file")
+    p = sub.add_parser("synthesize", help="synthesize speech into a WAV file: a cloned voice (Base), a built-in "
+                       "speaker (CustomVoice) or a described voice (VoiceDesign)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
     p.add_argument("--text", help="text to speak")
     p.add_argument("--out", type=Path, help="output WAV (24 kHz mono float32)")
@@ -28,6 +29,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-audio", type=Path, help="reference audio of the voice to clone (any rate/channels)")
     p.add_argument("--ref-text", help="transcript of --ref-audio (ICL cloning)")
     p.add_argument("--x-vector-only", action="store_true", help="clone from the speaker embedding only")
+    p.add_argument("--speaker", help="a CustomVoice model's built-in speaker (instead of --ref-audio)")
+    p.add_argument("--instruct", help="style instruction (1.7B CustomVoice) or voice description (VoiceDesign)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible runs)")
     p.add_argument("--temperature", type=float, help="sampling temperature (talker and code predictor)")
@@ -154,7 +157,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         x_vector_only=args.x_vector_only, language=args.language, greedy=args.greedy, seed=args.seed,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, max_frames=args.max_frames,
-        non_streaming_text=args.non_streaming_text, codes_out=args.codes_out)
+        non_streaming_text=args.non_streaming_text, codes_out=args.codes_out, speaker=args.speaker,
+        instruct=args.instruct)
     if args.ref_audio is not None and not args.ref_audio.is_file():
         raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
     model = TTSModel.load(args.model, device=args.device, dtype=dtype)
