@@ -61,8 +61,9 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
     speed = _field(body, "speed", (int, float), 1.0)
     if speed != 1.0:
         raise P.ProtocolError(P.UNSUPPORTED, "speed other than 1.0 is not offered")
-    if _field(body, "instructions", str):
-        raise P.ProtocolError(P.UNSUPPORTED, "instructions are not offered by Base (voice-cloning) models")
+    instructions = _field(body, "instructions", str) or None  # the engine refuses it where the model has no use
+    if instructions is not None:
+        P.check_unicode(instructions, "instructions")
     voice = body.get("voice")
     if isinstance(voice, dict):  # OpenAI's custom-voice form {"id": ...}
         voice = voice.get("id")
@@ -78,7 +79,8 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
         raise P.ProtocolError(P.INVALID_MESSAGE, "voice must be a name or {\"id\": name}")
     seed = _field(body, "seed", int)
     language = (_field(body, "language", str, "auto") or "auto").strip().lower()
-    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=P.SamplingSpec(seed=seed))
+    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=P.SamplingSpec(seed=seed),
+                    instruct=instructions)
     return start, text, fmt, stream_format
 
 
@@ -97,11 +99,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return error_response(e, state)
     try:
         try:
-            voice, _ = await state.voice_prompt(start.voice)
+            voice, name = await state.voice_prompt(start.voice)
         except P.ProtocolError as e:
             return error_response(e, state)
         state.metrics.input_chars.inc(len(text))
-        req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
+        req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}", name if voice is None else None)
         track = Tracker(state.metrics, engine.sample_rate)
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:

@@ -52,6 +52,7 @@ class Session:
         self.id = uuid.uuid4().hex[:16]
         self.start: P.Start | None = None
         self.voice: VoicePrompt | None = None
+        self.speaker: str | None = None
         self.queue: deque[Utterance] = deque()
         self.current: Utterance | None = None
         self.wakeup = asyncio.Event()
@@ -131,6 +132,7 @@ class Session:
         engine = self.state.require_engine()
         self.state.check_language(msg.language)
         self.voice, name = await self.state.voice_prompt(msg.voice)
+        self.speaker = name if self.voice is None else None  # a CustomVoice model's built-in speaker
         self.start = msg
         self.worker = asyncio.create_task(self.run())
         await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, name, msg.language))
@@ -202,9 +204,9 @@ class Session:
     async def speak(self, u: Utterance) -> None:
         state, start, voice = self.state, self.start, self.voice
         engine = state.engine
-        assert start is not None and voice is not None and engine is not None  # start checked all three
+        assert start is not None and engine is not None  # start checked both
         track = Tracker(state.metrics, engine.sample_rate)
-        request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}")
+        request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}", self.speaker)
         finished: Finished | None = None
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:
