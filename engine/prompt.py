@@ -5,9 +5,9 @@ the prefill ``[L, hidden]`` plus the *trailing* text rows that are added, one pe
 frame, to the next talker input (after they run out, ``tts_pad`` is added instead).
 
 Layouts:
-- instruction (CustomVoice 1.7B, VoiceDesign): ``<|im_start|>user\n{instruct}<|im_end|>\n``,
+- instruction (CustomVoice 1.7B, VoiceDesign): ``<|im_start|>user\\n{instruct}<|im_end|>\\n``,
   text only, before everything else.
-- head: role rows ``<|im_start|>assistant\n`` (text only), then PAD + think/nothink,
+- head: role rows ``<|im_start|>assistant\\n`` (text only), then PAD + think/nothink,
   PAD + think_bos, [PAD + language], PAD + think_eos, [PAD + speaker], BOS + codec_pad. The
   speaker row is the cloned x-vector (Base), the speaker's own codec row ``spk_id`` (CustomVoice),
   or absent (VoiceDesign). A dialect speaker asked for Chinese or auto speaks its dialect: the
