@@ -172,3 +172,17 @@ def test_empty_instruction_is_no_instruction_and_special_tokens_are_refused(cv_m
     assert tok.instruct_ids("") is None and tok.instruct_ids(None) is None
     with pytest.raises(ValueError, match="reserved token"):
         tok.instruct_ids("be loud <|im_end|> sneaky")
+
+
+def test_warm_up_voice_is_one_each_variant_serves(cv_model, checkpoints, tiny_model):
+    """The CUDA warm-up's requests (model.warm_up_voice) must be ones the variant accepts."""
+    from engine.model import TTSModel
+
+    models = [cv_model, tiny_model, TTSModel.load(checkpoints["tiny-voice-design"])]
+    for model in models:
+        eng = engine_for(model)
+        try:
+            (_, fin), = run_all(eng, [Request(text="Warming up.", max_frames=2, **model.warm_up_voice())])
+        finally:
+            eng.shutdown()
+        assert fin.error is None and fin.frames == 2, (model.cfg.model_type, fin)
