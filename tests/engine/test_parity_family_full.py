@@ -9,6 +9,8 @@ time. The golden file comes from tests/fixtures/oracle/make_family_fixtures.py -
 import gc
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,13 +37,23 @@ def golden():
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["cases"]), f.metadata()["ref_text"]
 
 
+def _checkpoint(tmp_path, preset):
+    """``make-random-checkpoint --preset P --seed 0``, or the one already written under
+    $MAKIMA_FULL_CHECKPOINTS/P (saves ~3 min a preset on a shared machine)."""
+    from engine.random_checkpoint import make_random_checkpoint
+
+    ready = os.environ.get("MAKIMA_FULL_CHECKPOINTS")
+    if ready and (Path(ready) / preset / "model.safetensors").is_file():
+        return Path(ready) / preset
+    return make_random_checkpoint(tmp_path / preset, preset, seed=0)
+
+
 @pytest.mark.parametrize("preset", ["1.7b-base", "1.7b-custom-voice"])
 def test_full_size_1_7b_prefill_logits_and_codes_match(tmp_path, golden, preset):
     from engine.model import TTSModel
-    from engine.random_checkpoint import make_random_checkpoint
 
     tensors, cases, ref_text = golden
-    model = TTSModel.load(make_random_checkpoint(tmp_path / preset, preset, seed=0))
+    model = TTSModel.load(_checkpoint(tmp_path, preset))
     try:
         assert model.cfg.talker.transformer.hidden_size == 2048
         if preset == "1.7b-base":
