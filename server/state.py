@@ -130,7 +130,8 @@ class AppState:
                  else "this VoiceDesign model has no speakers; describe the voice in the instruction")
         if spec is not None and spec.ref_audio is not None:
             raise P.ProtocolError(P.UNSUPPORTED, f"this model clones no voice; {offer}")
-        name = spec.name if spec is not None else None
+        asked = spec.name if spec is not None else None
+        name = asked
         if name is None or (name in OPENAI_VOICES and name not in info.speakers):
             name = self.settings.default_voice if self.settings.default_voice in info.speakers else None
         if not info.speakers:
@@ -138,7 +139,8 @@ class AppState:
                 raise P.ProtocolError(P.UNSUPPORTED, f"no speaker {name!r}: {offer}")
             return None
         if name is None or name not in info.speakers:
-            raise P.ProtocolError(P.VOICE_NOT_FOUND, (f"no speaker {name!r}; " if name else "no voice given; ") + offer)
+            said = f"no speaker {(name or asked)!r}" if (name or asked) else "no voice given"
+            raise P.ProtocolError(P.VOICE_NOT_FOUND, f"{said}; {offer}")
         return name
 
     def request(self, text: str, voice: VoicePrompt | None, start: P.Start, request_id: str,

@@ -100,3 +100,18 @@ async def test_openai_voice_is_a_speaker_and_instructions_apply(engines):
                                                          "instructions": INSTRUCT})
         err = await r.json()
     assert r.status == 400 and err["code"] == "UNSUPPORTED" and "0.6B" in err["message"], err
+
+
+@pytest.mark.timeout(60)
+async def test_openai_names_and_no_name_mean_the_default_speaker(engines):
+    for voice in ("alloy", None):
+        async with serve(engines["tiny-custom-voice"], default_voice="vivian") as client:
+            ws = await client.ws_connect("/api/v1/speak")
+            await ws.send_json({"type": "start", **({"voice": voice} if voice else {})})
+            ready = await recv_json(ws, timeout=30)
+        assert ready["type"] == "ready" and ready["voice"] == "vivian", ready
+    async with serve(engines["tiny-custom-voice"]) as client:  # no default: the name is reported as asked
+        ws = await client.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "alloy"})
+        msg = await recv_json(ws, timeout=30)
+    assert msg["code"] == "VOICE_NOT_FOUND" and "'alloy'" in msg["message"], msg
