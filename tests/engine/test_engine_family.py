@@ -186,3 +186,33 @@ def test_warm_up_voice_is_one_each_variant_serves(cv_model, checkpoints, tiny_mo
         finally:
             eng.shutdown()
         assert fin.error is None and fin.frames == 2, (model.cfg.model_type, fin)
+
+
+@pytest.mark.parametrize("preset", ["tiny-custom-voice", "tiny-0.6b-custom-voice"])
+def test_graph_path_serves_speakers_like_the_eager_path(checkpoints, preset):
+    """The static-buffer decode path CUDA replays, on CPU: speaker and instruction prompts, with a
+    projecting (1.7B-like) and an Identity (0.6B-like) ``small_to_mtp_projection``."""
+    from engine.model import TTSModel
+
+    from .test_cuda_graphs import graphed_engine
+
+    model = TTSModel.load(checkpoints[preset])
+    requests = mixed_requests(model, 6)
+    if not model.cfg.takes_instructions:
+        for r in requests:
+            r.instruct = None
+    eager = engine_for(model)
+    try:
+        expected = run_all(eager, requests, stagger=0.01)
+    finally:
+        eager.shutdown()
+    engine, calls = graphed_engine(model, max_batch=8)
+    try:
+        for r in requests:
+            r.request_id += "-graphed"
+        results = run_all(engine, requests, stagger=0.01)
+    finally:
+        engine.shutdown()
+    for (_, want), (_, got) in zip(expected, results, strict=True):
+        assert want.error is None and np.array_equal(got.codes, want.codes), got.request_id
+    assert calls["talker"] > 0 and calls["predictor"] > 0
