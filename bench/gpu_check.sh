@@ -2,7 +2,7 @@
 # The checks only a GPU can run, as one prepared script for a short GPU lease.
 #
 #   bench/gpu_check.sh OUT_DIR [STEP ...]     steps: env kernels kernel-bench engine full full-eager
-#                                             serve (default: all)
+#                                             serve full-1.7b (default: all)
 #
 # ARCHIVE=FILE also packs OUT_DIR into FILE (tar.gz) after every step, for a lease that returns few files.
 # Each step has its own time limit and writes its log under OUT_DIR, so a slow step costs only itself.
@@ -17,7 +17,7 @@
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-env kernels kernel-bench engine full full-eager serve}
+steps=${*:-env kernels kernel-bench engine full full-eager serve full-1.7b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
@@ -63,6 +63,14 @@ for step in $steps; do
         run "bench_$name" "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \
             --device "${DEVICE:-cuda}" "${graphs[@]}" --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
             --out "$out/$name" --note "random 0.6b-base weights, default dtype, $gpu"
+        ;;
+    full-1.7b)  # the 1.7B width (hidden 2048, small_to_mtp_projection) through graphs and kernels
+        full17=${FULL17_CHECKPOINT:-/tmp/full-1.7b}
+        [ -f "$full17/model.safetensors" ] ||
+            run make_full_1.7b 300 python3 -m server.cli make-random-checkpoint "$full17" --preset 1.7b-base
+        run bench_engine_1.7b "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full17" \
+            --device "${DEVICE:-cuda}" --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
+            --out "$out/engine-1.7b" --note "random 1.7b-base weights, default dtype, $gpu"
         ;;
     serve)
         python3 -m server.cli serve --model "$full" --device "${DEVICE:-cuda}" --port 8123 --max-sessions 128 \

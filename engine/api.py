@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from engine.sampling import SamplingParams
 from engine.voice import VoicePrompt
@@ -43,14 +44,37 @@ class EngineError(RuntimeError):
 
 @dataclass
 class Request:
+    """What to say and in which voice. Which voice fields apply depends on the model variant
+    (``ModelInfo``): a Base model needs ``voice`` (a clone), a CustomVoice model a ``speaker``
+    (plus an ``instruct`` at 1.7B), a VoiceDesign model an ``instruct``; anything else is refused
+    with a coded error that names what the model offers."""
+
     text: str
-    voice: VoicePrompt
+    voice: VoicePrompt | None = None
     language: str = "auto"
     sampling: SamplingParams | None = None  # None: the checkpoint's generation_config.json
     priority: Priority = Priority.NORMAL
     max_frames: int | None = None  # None: derived from the text length
     non_streaming_text: bool = False
     request_id: str = ""  # filled by submit when empty
+    speaker: str | None = None  # a CustomVoice model's built-in speaker (case-insensitive)
+    instruct: str | None = None  # style / voice description; "" is none, as in the official code
+
+    @property
+    def codec_context(self) -> torch.Tensor | None:
+        """Codes the codec decodes before the generated ones (an ICL voice's reference), or None."""
+        return self.voice.ref_codes if self.voice is not None and self.voice.is_icl else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model offers, for front ends to list (``/api/v1/info``) and check against."""
+
+    model_type: str  # base | custom_voice | voice_design
+    model_size: str
+    speakers: list[str]  # CustomVoice's built-in speakers, else empty
+    takes_instructions: bool
+    clones_voices: bool  # Base: reference audio → voice prompt
 
 
 @dataclass
@@ -109,6 +133,7 @@ class TTSEngine(Protocol):
     sample_rate: int
     languages: list[str]
     default_sampling: SamplingParams  # what a request without sampling gets
+    model_info: ModelInfo
 
     def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]: ...
 

@@ -2,7 +2,8 @@
 
 Each line is an object with ``id``, ``text`` and the single-request options (``language``,
 ``ref_audio``, ``ref_text``, ``x_vector_only``, ``non_streaming_text``, ``greedy``, ``seed``,
-``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``max_frames``, ``priority``).
+``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``max_frames``, ``priority``, and
+for CustomVoice / VoiceDesign models ``speaker`` and ``instruct`` instead of a reference).
 All requests run concurrently, arriving ``stagger_ms`` apart. A bad line is reported with its
 number and skipped; the others still run.
 """
@@ -24,7 +25,7 @@ from engine.engine import Engine
 from engine.voice import VoicePrompt
 
 FIELDS = {"id", "text", "language", "ref_audio", "ref_text", "x_vector_only", "non_streaming_text", "greedy", "seed",
-          "temperature", "top_k", "top_p", "repetition_penalty", "max_frames", "priority"}
+          "temperature", "top_k", "top_p", "repetition_penalty", "max_frames", "priority", "speaker", "instruct"}
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -57,9 +58,7 @@ def parse_lines(text: str) -> tuple[list[Line], list[str]]:
                 raise LineError(f"duplicate id {rid!r}")
             if not isinstance(spec.get("text"), str) or not spec["text"].strip():
                 raise LineError("'text' must be a non-empty string")
-            if not spec.get("ref_audio"):
-                raise LineError("'ref_audio' is required (a voice to clone)")
-            if not spec.get("x_vector_only") and not spec.get("ref_text"):
+            if spec.get("ref_audio") and not spec.get("x_vector_only") and not spec.get("ref_text"):
                 raise LineError("ICL cloning needs 'ref_text' (or set 'x_vector_only': true)")
             if spec.get("priority", "normal") not in ("low", "normal", "high"):
                 raise LineError("'priority' must be low, normal or high")
@@ -89,11 +88,13 @@ def run_requests(engine: Engine, requests_file: Path, out_dir: Path, stagger_ms:
     summary: dict[str, dict] = {}
     for line in lines:
         s = line.spec
-        ref = Path(s["ref_audio"])
-        ref = ref if ref.is_absolute() else requests_file.parent / ref  # relative to the requests file
-        key = (ref, s.get("ref_text"), bool(s.get("x_vector_only")))
+        key = None
+        if s.get("ref_audio"):
+            ref = Path(s["ref_audio"])
+            ref = ref if ref.is_absolute() else requests_file.parent / ref  # relative to the requests file
+            key = (ref, s.get("ref_text"), bool(s.get("x_vector_only")))
         try:
-            if key not in voices:
+            if key is not None and key not in voices:
                 audio = load_audio_24k(ref, max_seconds=MAX_REFERENCE_SECONDS)
                 voices[key] = model.voice_prompt(audio, s.get("ref_text"), bool(s.get("x_vector_only")))
             sampling = model.sampling_from_options(bool(s.get("greedy")), s.get("seed"), s.get("temperature"),
@@ -101,10 +102,10 @@ def run_requests(engine: Engine, requests_file: Path, out_dir: Path, stagger_ms:
         except (AudioError, ValueError, OSError) as e:
             errors.append(f"line {line.number}: {e}")
             continue
-        requests.append(Request(text=s["text"], voice=voices[key], language=s.get("language", "auto"),
+        requests.append(Request(text=s["text"], voice=voices.get(key), language=s.get("language", "auto"),
                                 sampling=sampling, priority=Priority[s.get("priority", "normal").upper()],
                                 max_frames=s.get("max_frames"), non_streaming_text=bool(s.get("non_streaming_text")),
-                                request_id=s["id"]))
+                                request_id=s["id"], speaker=s.get("speaker"), instruct=s.get("instruct")))
 
     async def main() -> list:
         return await asyncio.gather(*(_run_one(engine, r, i * stagger_ms / 1000) for i, r in enumerate(requests)))

@@ -88,6 +88,10 @@ class TalkerConfig:
     num_code_groups: int
     codec: CodecSpecialIds
     language_ids: dict[str, int]
+    # CustomVoice's built-in speakers (``spk_id``, lower-case name → codec row) and, for the dialect
+    # speakers, the dialect language their Chinese/auto prompts use instead (``spk_is_dialect``).
+    speaker_ids: dict[str, int]
+    speaker_dialects: dict[str, str]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TalkerConfig:
@@ -97,6 +101,17 @@ class TalkerConfig:
         # (spec §1.1); anything else would need a real M-RoPE implementation.
         if rope_scaling.get("rope_type", "default") != "default":
             raise ConfigError(f"{where}: unsupported rope_scaling {rope_scaling}")
+        language_ids = {k.lower(): v for k, v in _require(d, "codec_language_id", where).items()}
+        # Every release carries both maps (empty on Base and VoiceDesign); the official code reads them
+        # unguarded, so a file without them is not one it can run either.
+        speaker_ids = {k.lower(): v for k, v in _require(d, "spk_id", where).items()}
+        flags = {k.lower(): v for k, v in _require(d, "spk_is_dialect", where).items()}
+        if set(flags) != set(speaker_ids):
+            raise ConfigError(f"{where}: spk_is_dialect must name exactly the speakers of spk_id")
+        dialects = {name: flag.lower() for name, flag in flags.items() if flag is not False}
+        for name, dialect in dialects.items():
+            if dialect not in language_ids:
+                raise ConfigError(f"{where}: speaker {name!r} speaks {dialect!r}, which codec_language_id lacks")
         return cls(
             transformer=TransformerConfig.from_dict(d, where),
             text_vocab_size=_require(d, "text_vocab_size", where),
@@ -111,7 +126,9 @@ class TalkerConfig:
                 think_bos=_require(d, "codec_think_bos_id", where),
                 think_eos=_require(d, "codec_think_eos_id", where),
             ),
-            language_ids={k.lower(): v for k, v in _require(d, "codec_language_id", where).items()},
+            language_ids=language_ids,
+            speaker_ids=speaker_ids,
+            speaker_dialects=dialects,
         )
 
 
@@ -311,18 +328,38 @@ class TextSpecialIds:
     tts_eos: int
 
 
+TTS_MODEL_TYPES = ("base", "custom_voice", "voice_design")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything a Qwen3-TTS-12Hz Base checkpoint directory says about itself."""
+    """Everything a Qwen3-TTS-12Hz checkpoint directory says about itself.
+
+    ``model_type`` is the variant (``tts_model_type``): ``base`` clones a reference voice and is
+    the only one with a speaker encoder; ``custom_voice`` speaks as one of its built-in speakers,
+    with an optional instruction except at 0.6B; ``voice_design`` makes a voice from an instruction.
+    """
 
     talker: TalkerConfig
     code_predictor: CodePredictorConfig
-    speaker_encoder: SpeakerEncoderConfig
+    speaker_encoder: SpeakerEncoderConfig | None  # Base only
     speech_tokenizer: SpeechTokenizerConfig
     generation: GenerationDefaults
     text_ids: TextSpecialIds
-    model_size: str = ""
+    model_type: str
+    model_size: str  # tts_model_size: "0b6", "1b7" (or a test preset's own name)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def takes_instructions(self) -> bool:
+        """VoiceDesign and 1.7B CustomVoice read an instruction; the official code drops it for a
+        0.6B CustomVoice model (``tts_model_size`` "0b6"), and Base never had one."""
+        return self.model_type == "voice_design" or (self.model_type == "custom_voice" and self.model_size != "0b6")
+
+    @property
+    def speakers(self) -> list[str]:
+        """Built-in speaker names (CustomVoice only; the other variants have none to offer)."""
+        return sorted(self.talker.speaker_ids) if self.model_type == "custom_voice" else []
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -333,15 +370,20 @@ class ModelConfig:
             raise ConfigError(f"{where}: model_type {d.get('model_type')!r} is not qwen3_tts")
         if d.get("tokenizer_type") != "qwen3_tts_tokenizer_12hz":
             raise ConfigError(f"{where}: only 12 Hz checkpoints are supported, got {d.get('tokenizer_type')!r}")
-        if d.get("tts_model_type", "base") != "base":
-            raise ConfigError(f"{where}: only Base (voice-cloning) checkpoints are supported, "
-                              f"got tts_model_type {d.get('tts_model_type')!r}")
+        model_type = _require(d, "tts_model_type", where)
+        if model_type not in TTS_MODEL_TYPES:
+            raise ConfigError(f"{where}: tts_model_type {model_type!r} is not one of {', '.join(TTS_MODEL_TYPES)}")
         talker_d = _require(d, "talker_config", where)
+        talker = TalkerConfig.from_dict(talker_d)
+        if model_type == "custom_voice" and not talker.speaker_ids:
+            raise ConfigError(f"{where}: a custom_voice model needs its speakers in talker_config.spk_id")
         gen_path = root / "generation_config.json"
         return cls(
-            talker=TalkerConfig.from_dict(talker_d),
+            talker=talker,
             code_predictor=CodePredictorConfig.from_dict(_require(talker_d, "code_predictor_config", where)),
-            speaker_encoder=SpeakerEncoderConfig.from_dict(_require(d, "speaker_encoder_config", where)),
+            # The official model builds its speaker encoder for Base only; the others ship no weights for it.
+            speaker_encoder=SpeakerEncoderConfig.from_dict(_require(d, "speaker_encoder_config", where))
+            if model_type == "base" else None,
             speech_tokenizer=SpeechTokenizerConfig.from_dict(_read_json(root / "speech_tokenizer" / "config.json")),
             generation=GenerationDefaults.from_dict(_read_json(gen_path)) if gen_path.exists()
             else GenerationDefaults(),
@@ -353,7 +395,8 @@ class ModelConfig:
                 tts_bos=_require(d, "tts_bos_token_id", where),
                 tts_eos=_require(d, "tts_eos_token_id", where),
             ),
-            model_size=d.get("tts_model_size", ""),
+            model_type=model_type,
+            model_size=_require(d, "tts_model_size", where),
             raw=d,
         )
 

@@ -84,6 +84,7 @@ class Engine:
         self.sample_rate = model.sample_rate
         self.default_sampling = model.sampling()  # generation_config.json of the checkpoint
         self.languages = ["auto", *sorted(k for k in model.cfg.talker.language_ids if "dialect" not in k)]
+        self.model_info = model.info
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._states: dict[str, RequestState] = {}
@@ -101,12 +102,12 @@ class Engine:
         """A few 2-frame requests at batch sizes 1, 3 and 16, so Triton compiles the prefill variants it
         specialises on the batch (1, a multiple of 16, other) now rather than during the first users'
         time to first audio: on an H200 a first 8-session prefill took 0.8 s instead of 0.05 s."""
-        voice = VoicePrompt(speaker_embedding=torch.zeros(self.model.cfg.speaker_encoder.enc_dim))
+        voice = self.model.warm_up_voice()
         greedy = self.model.sampling(greedy=True)
 
         async def batch(n: int) -> None:
-            requests = [Request(text="Warming up." * (1 + i % 3), voice=voice, sampling=greedy, max_frames=2,
-                                request_id=f"warm-up-{n}-{i}") for i in range(n)]
+            requests = [Request(text="Warming up." * (1 + i % 3), sampling=greedy, max_frames=2,
+                                request_id=f"warm-up-{n}-{i}", **voice) for i in range(n)]
             await asyncio.gather(*(self._drain(r) for r in requests))
 
         async def main() -> None:
@@ -207,7 +208,8 @@ class Engine:
             model = self.model
             text_ids = model.tokenizer.target_ids(request.text)
             prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids, request.voice,
-                                  request.language, request.non_streaming_text)
+                                  request.language, request.non_streaming_text, request.speaker,
+                                  model.tokenizer.instruct_ids(request.instruct))
             sampling = request.sampling or model.sampling()
             sampling.validate()
             cap = default_max_frames(len(text_ids), model.cfg.generation.max_new_tokens,
@@ -219,7 +221,7 @@ class Engine:
                                  max_frames=max_frames)
             self._states[rid] = state
             self._consumers[rid] = consumer
-            self._codec_worker.submit(self.codec.open, rid, request.voice.ref_codes if request.voice.is_icl else None)
+            self._codec_worker.submit(self.codec.open, rid, request.codec_context)
             self.scheduler.add(state)
         except Exception as e:
             if isinstance(e, (EngineError, ValueError)):  # refused input (TextError, PromptError, a bad seed)

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.api import ModelInfo
 from engine.audio import AudioError
 from engine.checkpoint import build_on_meta, load_strict, resolve_model
 from engine.config import ModelConfig
 from engine.generate import GenerationResult, Trace, default_max_frames, generate_codes
 from engine.models.qwen3_tts import Qwen3TTS
 from engine.models.speech_tokenizer import SpeechTokenizer
-from engine.prompt import build_prompt
+from engine.prompt import UnsupportedByModel, build_prompt, offer
 from engine.sampling import SamplingParams
 from engine.text import TextTokenizer
 from engine.voice import VoicePrompt
@@ -68,10 +69,27 @@ class TTSModel:
     def sample_rate(self) -> int:
         return self.cfg.speech_tokenizer.sample_rate
 
+    @property
+    def info(self) -> ModelInfo:
+        cfg = self.cfg
+        return ModelInfo(model_type=cfg.model_type, model_size=cfg.model_size, speakers=cfg.speakers,
+                         takes_instructions=cfg.takes_instructions, clones_voices=self.tts.speaker_encoder is not None)
+
+    def warm_up_voice(self) -> dict[str, object]:
+        """The voice fields of a ``Request`` this model serves whatever its variant (a silent x-vector,
+        its first speaker, or nothing), for warm-ups and benchmarks."""
+        if self.cfg.model_type == "base":
+            return {"voice": VoicePrompt(speaker_embedding=torch.zeros(self.cfg.talker.transformer.hidden_size))}
+        if self.cfg.model_type == "custom_voice":
+            return {"speaker": self.cfg.speakers[0]}
+        return {}
+
     @torch.inference_mode()
     def voice_prompt(self, audio_24k: np.ndarray, ref_text: str | None = None,
                      x_vector_only: bool = False) -> VoicePrompt:
         """Speaker embedding (+ reference codes and transcript ids for ICL) from 24 kHz mono audio."""
+        if self.tts.speaker_encoder is None:
+            raise UnsupportedByModel("UNSUPPORTED_BY_MODEL", f"cannot clone a voice: {offer(self.cfg)}")
         if not x_vector_only and not ref_text:
             raise ValueError("ICL voice cloning needs the reference transcript (or use x-vector-only mode)")
         wave = torch.from_numpy(np.ascontiguousarray(audio_24k, dtype=np.float32)).to(self.device)
@@ -103,15 +121,15 @@ class TTSModel:
         return default_max_frames(len(text_ids), self.cfg.generation.max_new_tokens)
 
     @torch.inference_mode()
-    def synthesize(self, text: str, voice: VoicePrompt, language: str = "auto",
+    def synthesize(self, text: str, voice: VoicePrompt | None, language: str = "auto",
                    sampling: SamplingParams | None = None, max_frames: int | None = None,
-                   non_streaming_text: bool = False, trace: Trace | None = None,
-                   on_frame: Callable[[int], None] | None = None) -> Synthesis:
+                   non_streaming_text: bool = False, trace: Trace | None = None, speaker: str | None = None,
+                   instruct: str | None = None, on_frame: Callable[[int], None] | None = None) -> Synthesis:
         """One utterance through the reference path: prompt → codes → waveform (``on_frame(n)``
         after each of the n frames generated, for progress)."""
         text_ids = self.tokenizer.target_ids(text)
         prompt = build_prompt(self.tts.talker, self.cfg, self.tokenizer.role_ids(), text_ids, voice, language,
-                              non_streaming_text)
+                              non_streaming_text, speaker, self.tokenizer.instruct_ids(instruct))
         result = generate_codes(self.tts.talker, prompt, sampling or self.sampling(),
                                 max_frames or self.max_frames_for(text_ids), trace, on_frame)
         t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Write a random checkpoint directory in exactly the layout of the real release.
 
 No weights can be downloaded on our machines, so tests and benchmarks run on checkpoints we
-generate: ``tiny`` (seconds to load, for tests and parity fixtures) and ``0.6b-base`` (the real
-shapes, ``model.safetensors`` in bf16 like the real file, ``speech_tokenizer/`` in fp32). The
+generate: ``tiny*`` (seconds to load, for tests and parity fixtures) and the release variants
+(``0.6b-base``, ``1.7b-custom-voice``, ...: the real shapes, ``model.safetensors`` in bf16 like the
+real file, ``speech_tokenizer/`` in fp32). The
 tensor list comes from our own modules built on the meta device, so it is exactly what the
 loader expects, and the key tests pin those modules to the official key lists.
 
@@ -26,9 +27,8 @@ from engine.checkpoint import build_on_meta
 from engine.config import ModelConfig
 from engine.models.qwen3_tts import Qwen3TTS
 from engine.models.speech_tokenizer import SpeechTokenizer
+from engine.presets import PRESETS
 from engine.random_tokenizer import write_qwen2_tokenizer, write_tiny_tokenizer
-
-PRESETS = ("tiny", "0.6b-base")
 
 SPEECH_TOKENIZER_PREPROCESSOR = {
     "chunk_length_s": None, "feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1,
@@ -111,23 +111,24 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0)
 def _write_checkpoint(root: Path, preset: str, seed: int) -> None:
     (root / "speech_tokenizer").mkdir(parents=True)
 
-    text_ids = write_tiny_tokenizer(root) if preset == "tiny" else write_qwen2_tokenizer(root)
+    family = PRESETS[preset]
+    text_ids = write_tiny_tokenizer(root) if family == "tiny" else write_qwen2_tokenizer(root)
     config = _preset_file(preset, "config.json")
     for key, value in text_ids.items():
         if config[key] != value:
             raise AssertionError(f"preset {preset}: config {key}={config[key]} but the vocabulary gives {value}")
     (root / "config.json").write_text(json.dumps(config, indent=2))
-    (root / "generation_config.json").write_text(json.dumps(_preset_file(preset, "generation_config.json"),
+    (root / "generation_config.json").write_text(json.dumps(_preset_file(family, "generation_config.json"),
                                                             indent=2))
     (root / "speech_tokenizer" / "config.json").write_text(
-        json.dumps(_preset_file(preset, "speech_tokenizer_config.json"), indent=2))
+        json.dumps(_preset_file(family, "speech_tokenizer_config.json"), indent=2))
     (root / "speech_tokenizer" / "preprocessor_config.json").write_text(
         json.dumps(SPEECH_TOKENIZER_PREPROCESSOR, indent=2))
 
     cfg = ModelConfig.from_dir(root)
     # The real model.safetensors is bf16, the speech tokenizer fp32; tiny stays fp32 so that the
     # parity tests compare the networks, not bf16 rounding.
-    model_dtype = torch.float32 if preset == "tiny" else torch.bfloat16
+    model_dtype = torch.float32 if family == "tiny" else torch.bfloat16
     _write_weights(build_on_meta(lambda: Qwen3TTS(cfg)), root / "model.safetensors", seed, model_dtype)
     _write_weights(build_on_meta(lambda: SpeechTokenizer(cfg.speech_tokenizer)),
                    root / "speech_tokenizer" / "model.safetensors", seed + 1, torch.float32)

@@ -13,7 +13,7 @@ import torch
 from engine.audio import MAX_REFERENCE_SECONDS, load_audio_24k, write_wav
 from engine.config import ModelConfig
 from engine.model import TTSModel
-from engine.prompt import language_id
+from engine.prompt import check_request_fits, language_id
 
 
 @dataclass
@@ -33,6 +33,8 @@ class SynthesisRequest:
     max_frames: int | None = None
     non_streaming_text: bool = False
     codes_out: Path | None = None
+    speaker: str | None = None  # CustomVoice
+    instruct: str | None = None  # CustomVoice 1.7B, VoiceDesign
 
 
 def check_request(cfg: ModelConfig, req: SynthesisRequest) -> None:
@@ -41,9 +43,10 @@ def check_request(cfg: ModelConfig, req: SynthesisRequest) -> None:
     if not req.text or not req.text.strip():
         raise ValueError("--text is empty")
     language_id(cfg, req.language)
-    if req.ref_audio is None:
+    if req.ref_audio is None and cfg.model_type == "base":
         raise ValueError("a reference voice is needed: --ref-audio REF.wav with --ref-text TEXT or --x-vector-only")
-    if not req.x_vector_only and not (req.ref_text and req.ref_text.strip()):
+    check_request_fits(cfg, req.ref_audio is not None, req.speaker, bool(req.instruct))
+    if req.ref_audio is not None and not req.x_vector_only and not (req.ref_text and req.ref_text.strip()):
         raise ValueError("ICL voice cloning needs --ref-text (the transcript of --ref-audio), or pass --x-vector-only")
     if req.max_frames is not None and req.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
@@ -54,8 +57,11 @@ def check_request(cfg: ModelConfig, req: SynthesisRequest) -> None:
             raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist")
 
 
-def load_reference(req: SynthesisRequest) -> np.ndarray:
-    """--ref-audio decoded to 24 kHz mono (an AudioError names the file when it cannot be read)."""
+def load_reference(req: SynthesisRequest) -> np.ndarray | None:
+    """--ref-audio decoded to 24 kHz mono (an AudioError names the file when it cannot be read); None
+    without one (a CustomVoice speaker or a VoiceDesign instruction: nothing to clone)."""
+    if req.ref_audio is None:
+        return None
     return load_audio_24k(req.ref_audio, max_seconds=MAX_REFERENCE_SECONDS)
 
 
@@ -65,7 +71,7 @@ def run(model: TTSModel, req: SynthesisRequest, reference: np.ndarray | None = N
     ``on_frame(n)`` after each generated frame."""
     check_request(model.cfg, req)
     audio = load_reference(req) if reference is None else reference
-    voice = model.voice_prompt(audio, req.ref_text, req.x_vector_only)
+    voice = None if audio is None else model.voice_prompt(audio, req.ref_text, req.x_vector_only)
     params = model.sampling_from_options(req.greedy, req.seed, req.temperature, req.top_k, req.top_p,
                                          req.repetition_penalty)
     if params.seed is None and not req.greedy:
@@ -73,7 +79,7 @@ def run(model: TTSModel, req: SynthesisRequest, reference: np.ndarray | None = N
         params = replace(params, seed=int(torch.seed() % 2**31))
     t0 = time.perf_counter()
     result = model.synthesize(req.text, voice, req.language, params, req.max_frames, req.non_streaming_text,
-                              on_frame=on_frame)
+                              speaker=req.speaker, instruct=req.instruct, on_frame=on_frame)
     wall = time.perf_counter() - t0
     write_wav(req.out, result.audio, result.sample_rate)
     if req.codes_out is not None:

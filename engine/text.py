@@ -25,6 +25,7 @@ QWEN2_SPLIT_REGEX = (
 # Literal prompt strings of the official wrapper: the target text and the reference transcript.
 TARGET_TEMPLATE = "<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
 REF_TEMPLATE = "<|im_start|>assistant\n{text}<|im_end|>\n"
+INSTRUCT_TEMPLATE = "<|im_start|>user\n{text}<|im_end|>\n"
 
 
 class TextError(ValueError):
@@ -105,6 +106,14 @@ class TextTokenizer:
         self._check_text(ref_text, "reference transcript")
         ids = self.encode(REF_TEMPLATE.format(text=ref_text))
         return ids[3:-2]
+
+    def instruct_ids(self, instruct: str | None) -> list[int] | None:
+        """Ids of the whole INSTRUCT_TEMPLATE block, all of which the prompt embeds; None (no
+        instruction) for None or "", as the official wrapper treats an empty instruction."""
+        if not instruct:
+            return None
+        self._check_text(instruct, "instruction")
+        return self.encode(INSTRUCT_TEMPLATE.format(text=instruct))
 
     def role_ids(self) -> list[int]:
         """``<|im_start|>assistant\\n``: the three rows that open every prompt."""

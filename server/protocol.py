@@ -48,7 +48,10 @@ HTTP_STATUS = {
 AUDIO_ERROR_CODES = {"AUDIO_TOO_LONG": AUDIO_TOO_LONG}
 # engine Finished.error_code / EngineError.code → ours; anything else is SYNTHESIS_ERROR.
 ENGINE_ERROR_CODES = {"TEXT_TOO_LONG": TEXT_TOO_LONG, "INVALID_REQUEST": INVALID_MESSAGE,
-                      "OVERLOADED": OVERLOADED, "TTS_UNAVAILABLE": TTS_UNAVAILABLE}
+                      "OVERLOADED": OVERLOADED, "TTS_UNAVAILABLE": TTS_UNAVAILABLE,
+                      # what the loaded model variant cannot serve (a speaker to Base, an instruction to 0.6B)
+                      "UNSUPPORTED_BY_MODEL": UNSUPPORTED, "UNKNOWN_SPEAKER": VOICE_NOT_FOUND,
+                      "VOICE_REQUIRED": VOICE_NOT_FOUND}
 
 ENCODINGS = ("pcm_s16le", "pcm_f32le")
 PRIORITIES = {"low": Priority.LOW, "normal": Priority.NORMAL, "high": Priority.HIGH}
@@ -104,6 +107,7 @@ class Start:
     priority: Priority = Priority.NORMAL
     max_frames: int | None = None
     non_streaming_text: bool = False
+    instruct: str | None = None  # CustomVoice 1.7B style / VoiceDesign voice description
 
 
 @dataclass
@@ -189,7 +193,8 @@ def parse_voice(value: Any, max_audio_bytes: int) -> VoiceSpec | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = value.strip().lower()  # voice ids are lower case: "Anna" over HTTP or WebSocket is anna
+        # Ids are lower case ("Anna" over HTTP or WebSocket is anna); so are CustomVoice speakers ("Ryan").
+        value = value.strip().lower()
         if not VOICE_ID.match(value):
             raise ProtocolError(VOICE_NOT_FOUND, f"no voice named {value[:64]!r} (ids are [a-z0-9_-], max 64)")
         return VoiceSpec(name=value)
@@ -252,7 +257,10 @@ def as_float(value: int | float, what: str) -> float:
 
 def _parse_start(msg: dict, max_audio_bytes: int) -> Start:
     _check_keys(msg, {"type", "voice", "language", "encoding", "sampling", "priority", "max_frames",
-                      "non_streaming_text"}, "start")
+                      "non_streaming_text", "instruct"}, "start")
+    instruct = _get(msg, "instruct", str, "start")
+    if instruct is not None:
+        check_unicode(instruct, "start.instruct")
     encoding = _get(msg, "encoding", str, "start", "pcm_s16le")
     if encoding not in ENCODINGS:
         raise ProtocolError(UNSUPPORTED, f"encoding {encoding[:32]!r} is not offered; use {' or '.join(ENCODINGS)}")
@@ -265,7 +273,8 @@ def _parse_start(msg: dict, max_audio_bytes: int) -> Start:
     return Start(voice=parse_voice(msg.get("voice"), max_audio_bytes),
                  language=language_name(_get(msg, "language", str, "start", "auto")),
                  encoding=encoding, sampling=parse_sampling(msg.get("sampling")), priority=PRIORITIES[priority],
-                 max_frames=max_frames, non_streaming_text=_get(msg, "non_streaming_text", bool, "start", False))
+                 max_frames=max_frames, non_streaming_text=_get(msg, "non_streaming_text", bool, "start", False),
+                 instruct=instruct)
 
 
 def check_unicode(text: str, what: str, id: str | int | None = None) -> str:

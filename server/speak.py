@@ -203,8 +203,10 @@ class Session:
     async def speak(self, u: Utterance) -> None:
         state, start, voice = self.state, self.start, self.voice
         engine = state.engine
-        assert start is not None and voice is not None and engine is not None  # start checked all three
-        request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}")
+        assert start is not None and engine is not None  # start checked both
+        # A CustomVoice speaker has no voice prompt: its name is the request's speaker.
+        request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}",
+                                self.voice_name if voice is None else None)
         track = Tracker(state.metrics, engine.sample_rate, request.request_id, self.voice_name)
         finished: Finished | None = None
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from engine.api import EngineStats, Request, TTSEngine
+from engine.api import EngineStats, ModelInfo, Request, TTSEngine
 from engine.sampling import SamplingParams
 from engine.voice import VoicePrompt
 from server import protocol as P
@@ -113,9 +113,14 @@ class AppState:
                                                  f"{', '.join(langs)}")
         return language
 
-    async def voice_prompt(self, spec: P.VoiceSpec | None) -> tuple[VoicePrompt, str | None]:
-        """A voice spec (or None: the default voice) → (voice prompt, voice name or None if inline)."""
+    async def voice_prompt(self, spec: P.VoiceSpec | None) -> tuple[VoicePrompt | None, str | None]:
+        """A voice spec (or None: the default voice) → (voice prompt, voice name or None if inline).
+        On a model that clones no voice (CustomVoice, VoiceDesign) the prompt is None and the name
+        is a built-in speaker (or None); ``request`` passes it on as ``Request.speaker``."""
         engine = self.require_engine()
+        info = getattr(engine, "model_info", None)
+        if info is not None and not info.clones_voices:
+            return None, self._speaker(info, spec)
         if spec is None:
             if not self.settings.default_voice:
                 return await self.builtin_voice(engine), BUILTIN_VOICE
@@ -137,11 +142,32 @@ class AppState:
         audio, transcript = _builtin_voice_files()
         return await self.voices.inline_prompt(engine, audio, transcript, False, self.settings.max_ref_seconds)
 
-    def request(self, text: str, voice: VoicePrompt, start: P.Start, request_id: str) -> Request:
+    def _speaker(self, info: ModelInfo, spec: P.VoiceSpec | None) -> str | None:
+        """The built-in speaker a request on a CustomVoice model speaks as (None on VoiceDesign).
+        OpenAI's voice names, and no name, stand for the default voice when it is a speaker."""
+        offer = (f"choose a speaker: {', '.join(info.speakers)}" if info.speakers
+                 else "this VoiceDesign model has no speakers; describe the voice in the instruction")
+        if spec is not None and spec.ref_audio is not None:
+            raise P.ProtocolError(P.UNSUPPORTED, f"this model clones no voice; {offer}")
+        asked = spec.name if spec is not None else None
+        name = asked
+        if name is None or (name in OPENAI_VOICES and name not in info.speakers):
+            name = self.settings.default_voice if self.settings.default_voice in info.speakers else None
+        if not info.speakers:
+            if name is not None:
+                raise P.ProtocolError(P.UNSUPPORTED, f"no speaker {name!r}: {offer}")
+            return None
+        if name is None or name not in info.speakers:
+            said = f"no speaker {(name or asked)!r}" if (name or asked) else "no voice given"
+            raise P.ProtocolError(P.VOICE_NOT_FOUND, f"{said}; {offer}")
+        return name
+
+    def request(self, text: str, voice: VoicePrompt | None, start: P.Start, request_id: str,
+                speaker: str | None = None) -> Request:
         return Request(text=text, voice=voice, language=start.language,
                        sampling=start.sampling.params(self.sampling_defaults), priority=start.priority,
                        max_frames=start.max_frames, non_streaming_text=start.non_streaming_text,
-                       request_id=request_id)
+                       request_id=request_id, speaker=speaker, instruct=start.instruct)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("makima_state", AppState)

@@ -1,5 +1,6 @@
-"""The networks of ``model.safetensors``: the talker (with its code predictor) and the speaker
-encoder. The speech tokenizer lives in ``speech_tokenizer/`` and is loaded on its own."""
+"""The networks of ``model.safetensors``: the talker (with its code predictor) and, in a Base
+checkpoint only, the speaker encoder (CustomVoice and VoiceDesign ship no weights for one). The
+speech tokenizer lives in ``speech_tokenizer/`` and is loaded on its own."""
 
 from __future__ import annotations
 
@@ -14,4 +15,4 @@ class Qwen3TTS(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.talker = Talker(cfg)
-        self.speaker_encoder = SpeakerEncoder(cfg.speaker_encoder)
+        self.speaker_encoder = SpeakerEncoder(cfg.speaker_encoder) if cfg.speaker_encoder is not None else None

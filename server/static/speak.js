@@ -45,8 +45,15 @@ async function loadInfo() {
 }
 
 async function loadVoices(select) {
-  const { voices, default: def } = await api("/api/v1/voices");
   const el = $("voice");
+  if (info && info.speakers && info.speakers.length) {  // a CustomVoice model: its built-in speakers
+    const keep = select || el.value || info.default_voice;
+    el.innerHTML = "";
+    for (const s of info.speakers) el.add(new Option(s, s));
+    if (keep && info.speakers.includes(keep)) el.value = keep;
+    return;
+  }
+  const { voices, default: def } = await api("/api/v1/voices");
   const keep = select || el.value || def;
   el.innerHTML = "";
   for (const v of voices) el.add(new Option(`${v.speaker} (${v.voice_id})`, v.voice_id));

@@ -160,3 +160,43 @@ def test_make_random_checkpoint_says_what_to_install_and_leaves_nothing_half_wri
     (out / "keep").write_text("an earlier checkpoint")
     assert main(["make-random-checkpoint", str(out), "--preset", "0.6b-base"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and (out / "keep").is_file()
+
+
+@pytest.fixture(scope="module")
+def custom_voice_checkpoint(tmp_path_factory):
+    from engine.random_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("cv") / "cv", "tiny-custom-voice", seed=0)
+
+
+def test_speaker_and_instruction_from_the_cli(custom_voice_checkpoint, tmp_path, capsys):
+    from engine.model import TTSModel
+
+    codes = tmp_path / "c.npy"
+    code, stdout, err = run(["--model", custom_voice_checkpoint, "--text", "Hello there.", "--out", tmp_path / "o.wav",
+                             "--speaker", "Eric", "--instruct", "Speak softly.", "--greedy", "--max-frames", "4",
+                             "--codes-out", codes], capsys)
+    assert code == 0, err
+    model = TTSModel.load(custom_voice_checkpoint)
+    alone = model.synthesize("Hello there.", None, "auto", model.sampling(greedy=True), 4, speaker="eric",
+                             instruct="Speak softly.")
+    assert np.array_equal(np.load(codes), alone.codes.numpy())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speaker", "bob"], "unknown speaker 'bob'"),
+    ([], "a speaker is required"),
+    (["--speaker", "ryan", "--ref-audio", "REF", "--x-vector-only"], "cannot clone a voice"),
+])
+def test_custom_voice_refusals_name_the_speakers(custom_voice_checkpoint, ref_wav, tmp_path, capsys, args, message):
+    args = [str(ref_wav) if a == "REF" else a for a in args]
+    code, _, err = run(["--model", custom_voice_checkpoint, "--text", "Hi", "--out", tmp_path / "o.wav", *args],
+                       capsys)
+    assert code != 0 and message in err and "dylan, eric, ryan, vivian" in err
+    assert err.count("\n") == 1
+
+
+def test_base_model_refuses_a_speaker(tiny_checkpoint, ref_wav, tmp_path, capsys):
+    code, _, err = run(["--model", tiny_checkpoint, "--text", "Hi", "--out", tmp_path / "o.wav", "--ref-audio",
+                        ref_wav, "--x-vector-only", "--speaker", "ryan"], capsys)
+    assert code != 0 and "no built-in speaker 'ryan'" in err and "Base" in err

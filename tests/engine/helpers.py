@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from engine.config import ModelConfig
+from engine.presets import PRESETS as PRESET_FAMILIES
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 PRESETS = Path(__file__).resolve().parents[2] / "engine" / "presets"
@@ -14,11 +15,11 @@ PRESETS = Path(__file__).resolve().parents[2] / "engine" / "presets"
 
 def preset_config(preset: str, tmp: Path) -> ModelConfig:
     """ModelConfig of a preset, through the same file parsing a checkpoint gets."""
-    src = PRESETS / preset
+    family = PRESETS / PRESET_FAMILIES[preset]  # the size's shared generation and tokenizer configs
     (tmp / "speech_tokenizer").mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "config.json", tmp / "config.json")
-    shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
-    shutil.copy(src / "speech_tokenizer_config.json", tmp / "speech_tokenizer" / "config.json")
+    shutil.copy(PRESETS / preset / "config.json", tmp / "config.json")
+    shutil.copy(family / "generation_config.json", tmp / "generation_config.json")
+    shutil.copy(family / "speech_tokenizer_config.json", tmp / "speech_tokenizer" / "config.json")
     return ModelConfig.from_dir(tmp)
 
 

@@ -74,10 +74,50 @@ def test_config_values_come_from_the_files(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="head_dim"):
         ModelConfig.from_dir(root)
     cfg["talker_config"]["head_dim"] = 16
-    cfg["tts_model_type"] = "custom_voice"
+    cfg["tts_model_type"] = "custom_voice"  # a CustomVoice model must bring its speakers
     (root / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="Base"):
+    with pytest.raises(ConfigError, match="spk_id"):
         ModelConfig.from_dir(root)
+    cfg["tts_model_type"] = "instruct_clone"
+    (root / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="tts_model_type 'instruct_clone'"):
+        ModelConfig.from_dir(root)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("tts_model_size"), "tts_model_size"),
+    (lambda c: c["talker_config"].pop("spk_is_dialect"), "spk_is_dialect"),
+    (lambda c: c["talker_config"]["spk_is_dialect"].pop("ryan"), "exactly the speakers"),
+    (lambda c: c["talker_config"]["spk_is_dialect"].update(eric="hakka_dialect"), "hakka_dialect"),
+])
+def test_custom_voice_config_errors_are_named(tmp_path, edit, message):
+    from .helpers import preset_config
+
+    preset_config("tiny-custom-voice", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("preset,model_type,speakers,instructions,encoder", [
+    ("1.7b-base", "base", [], False, True),
+    ("0.6b-custom-voice", "custom_voice", ["aiden", "dylan", "eric", "ono_anna", "ryan", "serena", "sohee",
+                                           "uncle_fu", "vivian"], False, False),
+    ("1.7b-custom-voice", "custom_voice", 9, True, False),
+    ("1.7b-voice-design", "voice_design", [], True, False),
+])
+def test_variant_facts_come_from_the_config(tmp_path, preset, model_type, speakers, instructions, encoder):
+    from .helpers import preset_config
+
+    cfg = preset_config(preset, tmp_path)
+    assert cfg.model_type == model_type and cfg.takes_instructions is instructions
+    assert (len(cfg.speakers) if isinstance(speakers, int) else cfg.speakers) == speakers
+    assert (cfg.speaker_encoder is not None) is encoder
+    if model_type == "custom_voice":
+        assert cfg.talker.speaker_ids["ryan"] == 3061
+        assert cfg.talker.speaker_dialects == {"eric": "sichuan_dialect", "dylan": "beijing_dialect"}
 
 
 def test_real_size_preset_parses_with_release_values(tmp_path):

@@ -14,9 +14,10 @@ def test_reference_is_swiglu():
     torch.testing.assert_close(silu_and_mul_reference(x), torch.nn.functional.silu(gate) * up)
 
 
-# One decode token at the 0.6B talker's intermediate size (3072: three column blocks), a ragged width.
+# One decode token at the 0.6B and 1.7B talkers' intermediate sizes (3072, 6144: three and six column
+# blocks), a ragged width.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 2 * 3072), (5, 2 * 1000), (2, 3, 2 * 64)])
+@pytest.mark.parametrize("shape", [(1, 2 * 3072), (1, 2 * 6144), (5, 2 * 1000), (2, 3, 2 * 64)])
 def test_silu_and_mul(shape, dtype, device, poison_empty):
     x = randn(*shape, dtype=dtype, device=device, scale=3.0)
     out = silu_and_mul_triton(x)

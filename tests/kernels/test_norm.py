@@ -34,8 +34,9 @@ def test_reference_matches_hf_order(dtype):
     torch.testing.assert_close(out, hf_qwen3_rms_norm(x + r, w, EPS), atol=0, rtol=0)
 
 
-# (leading shape, hidden): one token, a ragged prefill with a width that is not a power of two, 3D input.
-SHAPES = [((1,), 1024), ((7,), 1000), ((2, 3), 128)]
+# (leading shape, hidden): one token at the 0.6B and 1.7B talker widths, a ragged prefill with a width that
+# is not a power of two, 3D input.
+SHAPES = [((1,), 1024), ((1,), 2048), ((7,), 1000), ((2, 3), 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

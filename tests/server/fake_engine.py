@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import torch
 
-from engine.api import AudioChunk, EngineError, EngineStats, Finished, Request, StopReason
+from engine.api import AudioChunk, EngineError, EngineStats, Finished, ModelInfo, Request, StopReason
 from engine.audio import AudioError
 from engine.voice import VoicePrompt
 
@@ -44,6 +44,8 @@ def fake_audio(request: Request, frames: int | None = None) -> np.ndarray:
 class FakeEngine:
     sample_rate = 24000
     languages = ["auto", "chinese", "english", "french", "german", "japanese"]
+    model_info = ModelInfo(model_type="base", model_size="fake", speakers=[], takes_instructions=False,
+                           clones_voices=True)  # a Base model, as the real engine describes it
 
     def __init__(self, chunk_delay: float = 0.0, chunk_frames: tuple[int, ...] = (1, 2, 4), num_blocks: int = 512,
                  block_size: int = 16, voice_delay: float = 0.0) -> None:
@@ -66,6 +68,10 @@ class FakeEngine:
             raise EngineError("DUPLICATE_ID", rid)
         if request.language not in FakeEngine.languages:  # the class list: a subclass may offer more
             yield Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, "unknown language", "INVALID_REQUEST")
+            return
+        if request.instruct or request.speaker or request.voice is None:  # what a Base model refuses
+            yield Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, "a Base model clones a voice only",
+                           "UNSUPPORTED_BY_MODEL" if request.voice is not None else "VOICE_REQUIRED")
             return
         audio = fake_audio(request)
         total = len(audio) // SAMPLES_PER_FRAME

@@ -79,3 +79,26 @@ async def test_speak_page_speaks_shows_stats_and_records_a_voice():
                     assert s["errors"] == [] and s["last"]["frames"] == frames_for(TEXT), console
                 finally:
                     await browser.close()
+
+
+@pytest.mark.timeout(60)
+async def test_speak_page_lists_a_custom_voice_models_speakers():
+    from engine.api import ModelInfo
+
+    class CustomVoice(FakeEngine):
+        model_info = ModelInfo(model_type="custom_voice", model_size="fake", speakers=["eric", "ryan"],
+                               takes_instructions=True, clones_voices=False)
+
+    async with serve(CustomVoice(), default_voice="ryan") as client:
+        with tempfile.TemporaryDirectory() as profile:
+            async with async_playwright() as pw:
+                browser = await pw.chromium.launch_persistent_context(
+                    profile, executable_path=CHROMIUM, args=FLAGS, headless=True, timeout=30000, bypass_csp=True)
+                try:
+                    page = browser.pages[0] if browser.pages else await browser.new_page()
+                    await page.goto(f"http://127.0.0.1:{client.port}/speak")
+                    await page.wait_for_function("window.makimaPageReady === true", timeout=10000)
+                    options = await page.eval_on_selector_all("#voice option", "els => els.map(e => e.value)")
+                    assert options == ["eric", "ryan"] and await page.input_value("#voice") == "ryan"
+                finally:
+                    await browser.close()
