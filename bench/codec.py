@@ -55,7 +55,7 @@ def _make_stream(cls, tokenizer, schedule: tuple[int, ...], capacity: int):
 
 
 def run_one(model: str, sessions: int, frames: int, module_path: str | None, threads: int,
-            schedule: tuple[int, ...]) -> dict:
+            schedule: tuple[int, ...], capacity: int) -> dict:
     import torch
 
     from engine.checkpoint import build_on_meta, load_strict, resolve_model
@@ -71,9 +71,11 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
     calls = [0]
     tok.decoder.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     cls = _codec_stream_class(module_path)
+    for t in tok.state_dict().values():  # page the weights in now: they are not the codec's working memory
+        t.sum()
     rss_before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    cs = _make_stream(cls, tok, schedule, sessions)
+    cs = _make_stream(cls, tok, schedule, capacity)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.speech_tokenizer.decoder.codebook_size, (sessions, frames, 16), generator=gen)
     starts = [i % STAGGER for i in range(sessions)]
@@ -114,12 +116,14 @@ def main() -> None:
     p.add_argument("--schedule", default="1,2,4,8,12",
                    help="chunk schedule in frames (default: the engine's); 1 makes the landed stream decode "
                         "one frame per call")
+    p.add_argument("--capacity", type=int, default=64,
+                   help="streams the lockstep pool holds (default: the engine's max_running, %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the engine)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one N in this process
     args = p.parse_args()
     if args.one is not None:
         print(json.dumps(run_one(args.model, args.one, args.frames, args.codec_module, args.threads,
-                                  tuple(int(v) for v in args.schedule.split(",")))))
+                                  tuple(int(v) for v in args.schedule.split(",")), max(args.capacity, args.one))))
         return
     print(f"load: {os.getloadavg()[0]:.2f}  module: {args.codec_module or 'engine/codec_stream.py'}  "
           f"schedule: {args.schedule}  frames per stream: {args.frames}")
@@ -127,7 +131,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for n in (int(v) for v in args.sessions.split(",")):
         cmd = [sys.executable, "-m", "bench.codec", "--model", args.model, "--frames", str(args.frames),
-               "--threads", str(args.threads), "--schedule", args.schedule, "--one", str(n)]
+               "--threads", str(args.threads), "--schedule", args.schedule, "--capacity", str(args.capacity),
+               "--one", str(n)]
         if args.codec_module:
             cmd += ["--codec-module", args.codec_module]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
