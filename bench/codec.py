@@ -4,7 +4,8 @@ N x-vector streams with staggered starts (stream i opens at step i mod 12, so th
 as under real traffic), one random frame per stream per step, one ``collect`` per step, each stream
 closed after its last frame. Reported per N: codec time per generated frame, decoder calls per step
 that decoded anything, and the codec's peak working memory (peak RSS during the run minus RSS before
-it; torch's CPU allocations are invisible to tracemalloc). Each N runs in its own process so that the
+it; torch's CPU allocations are invisible to tracemalloc; on CUDA also the allocator's peak) and the
+lockstep pool's state bytes per stream. Each N runs in its own process so that the
 peak of one does not hide the next.
 
     python3 -m bench.codec --model /work/ckpt/full --sessions 1,8,32,64
@@ -55,7 +56,7 @@ def _make_stream(cls, tokenizer, schedule: tuple[int, ...], capacity: int):
 
 
 def run_one(model: str, sessions: int, frames: int, module_path: str | None, threads: int,
-            schedule: tuple[int, ...], capacity: int) -> dict:
+            schedule: tuple[int, ...], capacity: int, device: str) -> dict:
     import torch
 
     from engine.checkpoint import build_on_meta, load_strict, resolve_model
@@ -67,7 +68,10 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
     path = resolve_model(model)
     cfg = ModelConfig.from_dir(path)
     tok = load_strict(build_on_meta(lambda: SpeechTokenizer(cfg.speech_tokenizer)),
-                      path / "speech_tokenizer" / "model.safetensors", "cpu", torch.float32)
+                      path / "speech_tokenizer" / "model.safetensors", device, torch.float32)
+    cuda = tok.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False  # as TTSModel.load: the codec runs in exact fp32
     calls = [0]
     tok.decoder.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     cls = _codec_stream_class(module_path)
@@ -75,6 +79,10 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
         t.sum()
     rss_before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
     cs = _make_stream(cls, tok, schedule, capacity)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.speech_tokenizer.decoder.codebook_size, (sessions, frames, 16), generator=gen)
@@ -94,6 +102,8 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
                     finals.add(f"s{i}")
         before = calls[0]
         chunks = cs.collect(finals)
+        if cuda:
+            torch.cuda.synchronize()
         for rid in finals:
             cs.close(rid)
         elapsed += time.perf_counter() - t0
@@ -104,7 +114,14 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
         raise RuntimeError(f"got {samples} samples for {total} frames")
     return {"sessions": sessions, "frames": total, "codec_s": elapsed, "ms_per_frame": 1e3 * elapsed / total,
             "decoder_calls": calls[0], "calls_per_busy_step": calls[0] / max(busy_steps, 1),
-            "peak_working_mib": (_rss_kib("VmHWM") - rss_before) / 1024}
+            "peak_working_mib": (_rss_kib("VmHWM") - rss_before) / 1024,
+            "peak_cuda_mib": (torch.cuda.max_memory_allocated() - cuda_before) / 2**20 if cuda else None,
+            "state_mib_per_stream": (cs.decoder.pool.bytes_per_stream / 2**20
+                                     if hasattr(cs.decoder.pool, "bytes_per_stream") else None)}
+
+
+def _mib(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -118,26 +135,30 @@ def main() -> None:
                         "one frame per call")
     p.add_argument("--capacity", type=int, default=64,
                    help="streams the lockstep pool holds (default: the engine's max_running, %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the engine)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one N in this process
     args = p.parse_args()
     if args.one is not None:
         print(json.dumps(run_one(args.model, args.one, args.frames, args.codec_module, args.threads,
-                                  tuple(int(v) for v in args.schedule.split(",")), max(args.capacity, args.one))))
+                                  tuple(int(v) for v in args.schedule.split(",")), max(args.capacity, args.one),
+                                  args.device)))
         return
     print(f"load: {os.getloadavg()[0]:.2f}  module: {args.codec_module or 'engine/codec_stream.py'}  "
           f"schedule: {args.schedule}  frames per stream: {args.frames}")
-    print("| streams | frames | ms / frame | decoder calls / busy step | peak working MiB |")
-    print("|---|---|---|---|---|")
+    print("| streams | frames | ms / frame | decoder calls / busy step | peak working MiB (RSS) | peak CUDA MiB "
+          "| state MiB / stream |")
+    print("|---|---|---|---|---|---|---|")
     for n in (int(v) for v in args.sessions.split(",")):
         cmd = [sys.executable, "-m", "bench.codec", "--model", args.model, "--frames", str(args.frames),
                "--threads", str(args.threads), "--schedule", args.schedule, "--capacity", str(args.capacity),
-               "--one", str(n)]
+               "--device", args.device, "--one", str(n)]
         if args.codec_module:
             cmd += ["--codec-module", args.codec_module]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         print(f"| {n} | {r['frames']} | {r['ms_per_frame']:.2f} | {r['calls_per_busy_step']:.2f} "
-              f"| {r['peak_working_mib']:.0f} |", flush=True)
+              f"| {r['peak_working_mib']:.0f} | {_mib(r['peak_cuda_mib'])} | {_mib(r['state_mib_per_stream'], 2)} |",
+              flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -189,9 +189,10 @@ class LockstepDecoder:
         self._calls: dict[int, StaticCall] = {}
         graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         with torch.inference_mode():
-            # One padding-only call creates every state tensor now, at full size: serving never allocates
-            # state, and acquire() finds every key it must zero or fill.
-            self._call_fn(self.buckets[-1])()
+            # One padding-only call creates every state tensor now, at full size (the pool's rows do not
+            # depend on the bucket, so the smallest bucket does it): serving never allocates state, and
+            # acquire() finds every key it must zero or fill.
+            self._call_fn(self.buckets[0])()
             for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
                 self._calls[b] = StaticCall(self._call_fn(b), device, graph_pool)
             for t in self.pool.tensors.values():  # nothing of the warm-up stays
