@@ -69,6 +69,7 @@ for step in $steps; do
         # over the lockstep pool and graphs), and its share of the engine's step (bench engine's split).
         [ -f "$full/model.safetensors" ] ||
             run make_full 180 python3 -m server.cli make-random-checkpoint "$full" --preset 0.6b-base
+        run codec_cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_codec_cuda.py
         run bench_codec 240 python3 -m bench.codec --model "$full" --device "${DEVICE:-cuda}" --sessions 1,16,64 \
             --frames 48
         run bench_codec_engine "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \

@@ -174,8 +174,7 @@ class LockstepDecoder:
         k, spf = decoder.num_quantizers, decoder.samples_per_frame
         # Host staging, written through numpy views (no tensor per call); on CPU it is the device buffer.
         pin = device.type == "cuda"
-        self._host_slots = torch.full((capacity,), self.pool.scratch, dtype=torch.long).pin_memory() if pin \
-            else torch.full((capacity,), self.pool.scratch, dtype=torch.long)
+        self._host_slots = torch.full((capacity,), self.pool.scratch, dtype=torch.long, pin_memory=pin)
         self._host_starts = torch.zeros(capacity, dtype=torch.long, pin_memory=pin)
         self._host_codes = torch.zeros(capacity, k, 1, dtype=torch.long, pin_memory=pin)
         self._host_audio = torch.zeros(capacity, spf, dtype=torch.float32, pin_memory=pin)

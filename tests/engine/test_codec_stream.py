@@ -151,7 +151,7 @@ def test_window_slides_at_real_window(tok):
 
 def mixed(seed: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor, int]]:
     """Six requests, plain and ICL with different references, different lengths and starts
-    (more than the pool's first 4 slots, opened while others run: the pool grows mid-stream)."""
+    (opened while others run, in calls of several buckets with padding rows)."""
     out = {}
     for i in range(6):
         ref = random_codes(4 + 7 * i, seed=seed + 100 + i) if i % 2 else None
