@@ -241,16 +241,20 @@ def listener_underruns(chunks: list, sample_rate: int) -> int:
     return late
 
 
+@pytest.mark.parametrize("icl", [False, True])
 @pytest.mark.parametrize(("step", "expect_full_chunks"), [(0.01, True), (0.06, False), (0.1, True)])
 def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_ramp(tok, step,
-                                                                                    expect_full_chunks):
+                                                                                    expect_full_chunks, icl):
     """At 0.01 s per 80 ms frame the schedule is kept; at 0.06 s (faster than real time, slower than
     the 2x the doubling ramp needs) chunks go early and no listener starves; at 0.1 s (slower than real
     time) nothing can keep the listener fed, and the schedule's cheaper large chunks stand."""
     gen = random_codes(40, seed=11)
     clock = FakeClock(step)
     cs = CodecStream(tok, SCHEDULE, SPF, clock=clock)
-    cs.open("a", None)
+    ref = random_codes(12, seed=10) if icl else None
+    cs.open("a", ref)
+    if icl:
+        cs.streams["a"].prefill.result()
     chunks = []
     for k, frame in enumerate(gen.tolist()):
         cs.push("a", frame)
@@ -258,8 +262,8 @@ def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_r
             c.arrived = clock.now
             chunks.append(c)
     sizes = [c.num_frames for c in chunks]
-    assert sum(sizes) == 40
-    assert np.abs(samples(chunks) - one_pass(tok, gen)).max() <= TOL
+    assert sum(sizes) == 40 and samples(chunks).shape == (40 * SPF,)
+    assert np.abs(samples(chunks) - one_pass(tok, gen, ref)).max() <= TOL
     if expect_full_chunks:
         check_chunks(chunks, 40, SCHEDULE)
     else:
