@@ -166,7 +166,7 @@ def vocode_history_frames(decoder: CodecDecoder) -> int:
 class LockstepDecoder:
     """``CodecDecoder`` over a :class:`SlotPool`: one frame for up to ``capacity`` streams per call."""
 
-    def __init__(self, decoder: CodecDecoder, device: torch.device, capacity: int) -> None:
+    def __init__(self, decoder: CodecDecoder, device: torch.device, capacity: int, cuda_graphs: bool = True) -> None:
         self.decoder, self.device = decoder, device
         self.pool = SlotPool(device, capacity)
         self.vocode_history = vocode_history_frames(decoder)
@@ -185,15 +185,21 @@ class LockstepDecoder:
             self.codes = self._host_codes.to(device)
         else:
             self.slots, self.starts, self.codes = self._host_slots, self._host_starts, self._host_codes
-        self._calls: dict[int, StaticCall] = {}
-        graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self._calls: dict[int, Callable[[], torch.Tensor]] = {}
+        # Graphs only on CUDA and when asked (EngineConfig.cuda_graphs); otherwise the same functions run
+        # plainly on the same static buffers.
+        capture = device.type == "cuda" and cuda_graphs
+        graph_pool = torch.cuda.graph_pool_handle() if capture else None
         with torch.inference_mode():
-            # One padding-only call creates every state tensor now, at full size (the pool's rows do not
-            # depend on the bucket, so the smallest bucket does it): serving never allocates state, and
-            # acquire() finds every key it must zero or fill.
-            self._call_fn(self.buckets[0])()
+            # One padding-only call creates every state tensor now, at full size: serving never allocates
+            # state, and acquire() finds every key it must zero or fill. On CPU the smallest bucket does
+            # (the pool's rows do not depend on it; a large one would leave its activations resident); on
+            # CUDA the largest, so that the allocator holds the working memory of a full call before the
+            # engine sizes its KV pool from what is free (the graphs' own pool is allocated at capture).
+            self._call_fn(self.buckets[0 if device.type == "cpu" else -1])()
             for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
-                self._calls[b] = StaticCall(self._call_fn(b), device, graph_pool)
+                fn = self._call_fn(b)
+                self._calls[b] = StaticCall(fn, device, graph_pool) if capture else fn
             for t in self.pool.tensors.values():  # nothing of the warm-up stays
                 t.zero_()
 

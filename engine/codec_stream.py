@@ -88,7 +88,7 @@ class CodecStream:
 
     def __init__(self, tokenizer: SpeechTokenizer, chunk_frames: tuple[int, ...], samples_per_frame: int,
                  clock: Callable[[], float] = time.perf_counter, deadline_flush: bool = True,
-                 capacity: int = 64) -> None:
+                 capacity: int = 64, cuda_graphs: bool = True) -> None:
         if samples_per_frame != tokenizer.decoder.samples_per_frame:
             raise ValueError(f"the codec makes {tokenizer.decoder.samples_per_frame} samples per frame, "
                              f"not {samples_per_frame}")
@@ -99,7 +99,7 @@ class CodecStream:
         self.clock, self.deadline_flush = clock, deadline_flush
         self.step_seconds: float | None = None  # moving average of the time between collects (one step)
         self._last_collect: float | None = None
-        self.decoder = LockstepDecoder(tokenizer.decoder, tokenizer.device, capacity)
+        self.decoder = LockstepDecoder(tokenizer.decoder, tokenizer.device, capacity, cuda_graphs)
         self.streams: dict[str, _Stream] = {}
         self._prefilled: OrderedDict[bytes, Future[StateRows]] = OrderedDict()
         self._prefill_worker = ThreadPoolExecutor(1, thread_name_prefix="makima-codec-prefill")

@@ -69,7 +69,7 @@ class Engine:
         # so the KV pool below is sized from the memory they leave.
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
                                  model.cfg.speech_tokenizer.samples_per_frame, deadline_flush=self.cfg.deadline_flush,
-                                 capacity=self.cfg.max_running)
+                                 capacity=self.cfg.max_running, cuda_graphs=self.cfg.cuda_graphs)
         num_blocks = self.cfg.num_kv_blocks or max(
             16, int(self._kv_cache_bytes() // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,
                                                                             model.dtype)))

@@ -27,9 +27,11 @@ def test_every_bucket_is_a_captured_graph(cuda_tok):
     assert all(t.device.type == "cuda" for t in cs.decoder.pool.tensors.values())
 
 
-def test_replayed_streams_equal_the_cpu_one_pass_decode(cuda_tok, tiny_model):
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_replayed_streams_equal_the_cpu_one_pass_decode(cuda_tok, tiny_model, cuda_graphs):
     requests = mixed(seed=5)  # plain and ICL, staggered, more streams than some buckets: padding rows
-    cs = CodecStream(cuda_tok, SCHEDULE, SPF, clock=FakeClock(0.001), capacity=8)
+    cs = CodecStream(cuda_tok, SCHEDULE, SPF, clock=FakeClock(0.001), capacity=8, cuda_graphs=cuda_graphs)
+    assert all(hasattr(call, "graph") == cuda_graphs for call in cs.decoder._calls.values())
     chunks = stream(cuda_tok, requests, cs=cs)
     assert cs.calls == max(start + len(gen) for _, gen, start in requests.values())  # one call per step
     for rid, (ref, gen, _) in requests.items():
