@@ -10,7 +10,9 @@ streams' chunk phases, and that call has a shape CUDA can replay.
 Per-stream decoder state lives in a pool sized for ``capacity`` streams (the engine's
 ``max_running``) at start. A stream takes its row at its first frame (a request that is admitted
 but still waiting holds none) and gives it back after its last; a stream that finds every row
-taken is refused with ``OVERLOADED`` (:meth:`CodecStream.take_refused`), the pool never grows.
+taken is refused with ``OVERLOADED`` (:meth:`CodecStream.take_failures`), the pool never grows.
+A preempted request keeps its row (its audio state is not recomputed), so rows can run out only
+when a request of higher priority is admitted while preempted ones wait with theirs.
 
 ICL requests: the reference codes are run through the decoder once per distinct reference (an
 LRU cache of the resulting state rows), on a separate prefill thread started by :meth:`open`, so
