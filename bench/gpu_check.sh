@@ -2,7 +2,7 @@
 # The checks only a GPU can run, as one prepared script for a short GPU lease.
 #
 #   bench/gpu_check.sh OUT_DIR [STEP ...]     steps: env kernels kernel-bench engine full full-eager
-#                                             serve full-1.7b (default: all)
+#                                             codec serve full-1.7b (default: all)
 #
 # ARCHIVE=FILE also packs OUT_DIR into FILE (tar.gz) after every step, for a lease that returns few files.
 # Each step has its own time limit and writes its log under OUT_DIR, so a slow step costs only itself.
@@ -17,7 +17,7 @@
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-env kernels kernel-bench engine full full-eager serve full-1.7b}
+steps=${*:-env kernels kernel-bench engine full full-eager codec serve full-1.7b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
@@ -63,6 +63,18 @@ for step in $steps; do
         run "bench_$name" "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \
             --device "${DEVICE:-cuda}" "${graphs[@]}" --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
             --out "$out/$name" --note "random 0.6b-base weights, default dtype, $gpu"
+        ;;
+    codec)
+        # The codec stage at 1 / 16 / 64 sessions: alone (bench/codec.py: time per frame, peak CUDA memory
+        # over the lockstep pool and graphs), and its share of the engine's step (bench engine's split).
+        [ -f "$full/model.safetensors" ] ||
+            run make_full 180 python3 -m server.cli make-random-checkpoint "$full" --preset 0.6b-base
+        run codec_cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_codec_cuda.py
+        run bench_codec 240 python3 -m bench.codec --model "$full" --device "${DEVICE:-cuda}" --sessions 1,16,64 \
+            --frames 48
+        run bench_codec_engine "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \
+            --device "${DEVICE:-cuda}" --sessions 1,16,64 --frames "${FRAMES:-48}" --out "$out/codec-engine" \
+            --note "random 0.6b-base weights, default dtype, $gpu: codec_s / busy is the codec's share of a step"
         ;;
     full-1.7b)  # the 1.7B width (hidden 2048, small_to_mtp_projection) through graphs and kernels
         full17=${FULL17_CHECKPOINT:-/tmp/full-1.7b}

@@ -1,32 +1,29 @@
-"""Frames → PCM chunks per request, on the chunk schedule (small first chunks, larger later).
+"""Frames → PCM chunks per stream: decoded in lockstep every step, sent on the chunk schedule.
 
-A stateful streaming decoder, batched across requests. The codec decoder is fully causal, so
-instead of re-decoding a request's whole code history for every chunk we keep, per request,
-exactly the history its modules need (see ``engine/models/codec_decoder.py``) and run only the
-new frames through it:
+Decoding and sending are separate decisions. Every :meth:`CodecStream.collect` (once per engine
+step) advances each stream that has a new frame by exactly that frame, all streams in one
+fixed-shape call of the :class:`engine.codec_lockstep.LockstepDecoder`; the PCM accumulates per
+stream. The chunk schedule (small first chunks, larger later) and the deadline flush then decide
+only when a stream's accumulated PCM is sent. So a step costs one decoder call whatever the
+streams' chunk phases, and that call has a shape CUDA can replay.
 
-- the last ``left_pad`` input samples of every causal conv (pre_conv, the ConvNeXt depthwise
-  convs, every vocoder conv including the dilated ones);
-- the last input frame of every causal transposed conv that trims its output (the vocoder's
-  4 upsampling layers), whose kernel tail reaches into the next frame's samples;
-- the rotated keys/values of the last ``sliding_window − 1`` frames of each attention layer,
-  and the request's absolute frame position (RoPE positions and the window are absolute).
+Per-stream decoder state lives in a pool sized for ``capacity`` streams (the engine's
+``max_running``) at start. A stream takes its row at its first frame (a request that is admitted
+but still waiting holds none) and gives it back after its last; a stream that finds every row
+taken is refused with ``OVERLOADED`` (:meth:`CodecStream.take_failures`), the pool never grows.
+A preempted request keeps its row (its audio state is not recomputed), so rows can run out only
+when a request of higher priority is admitted while preempted ones wait with theirs.
 
-That state lives in pooled tensors with one row ("slot") per open request (:class:`SlotPool`).
-A decode call gathers the rows of the requests it serves, prepends them to the new input of
-each module, and writes the new tails back (:class:`_Rows`). Rows never mix: every op is per
-row, and attention masks each row's own window, so a request's audio does not depend on who
-shares its batch (and an ICL reference only ever conditions its own request).
-
-Batching: a request's frames are decoded when its chunk is due. All due requests with the same
-number of pending frames go through the decoder together, one call per distinct count; the
-engine pushes one frame per request per step, so requests started together share every call.
-
-ICL requests: :meth:`CodecStream.open` runs the reference codes through the decoder to fill
-the state and discards their audio, which is the offline path's "decode reference + generated,
-cut the reference part". The transformer sees the whole reference; the convolutional half only
-the last few frames its state can depend on (:func:`vocode_history_frames`), which gives the
-same state for a fraction of the cost.
+ICL requests: the reference codes are run through the decoder once per distinct reference (an
+LRU cache of the resulting state rows), on a separate prefill thread started by :meth:`open`, so
+it never delays the other streams' frames; the stream joins the lockstep when its state is ready
+(normally long before: the talker's prefill of the same request takes at least a step). A stream
+whose prefill is late keeps its frames queued and catches up in the step its state is ready (a few
+extra calls for that stream alone); a final flush waits for the prefill. The offline path's
+"decode reference + generated, cut the reference part" is what this reproduces. The transformer
+sees the whole reference; the convolutional half only the last few frames its state can depend on
+(:func:`engine.codec_lockstep.vocode_history_frames`), which gives the same state for a fraction
+of the cost.
 
 Deadline flush: the schedule's larger chunks assume generation runs at least twice as fast as
 playback (a chunk of n frames must be made while the n/2 before it play). When it does not, a
@@ -45,17 +42,17 @@ chunk seams and this stream follows the one-pass decode, the exact causal answer
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from engine.models.codec_common import CausalConv1d, CausalConvTranspose1d
-from engine.models.codec_decoder import CodecDecoder
+from engine.api import EngineError
+from engine.codec_lockstep import LockstepDecoder, StateRows
 from engine.models.speech_tokenizer import SpeechTokenizer
 
 
@@ -67,158 +64,33 @@ class Chunk:
     num_frames: int
 
 
-class SlotPool:
-    """Per-request decoder state in pooled tensors ``[capacity, *shape]``, one row per slot.
-
-    A key is a stateful module (or an ``(attention, "k" | "v")`` pair); its tensor appears on
-    first use, shaped like what that module keeps. A slot is zeroed when handed out: zeros are
-    exactly the one-pass decode's left padding, and no history survives its previous owner.
-    """
-
-    def __init__(self, device: torch.device, capacity: int = 4) -> None:
-        self.device = device
-        self.capacity = capacity
-        self.tensors: dict[object, torch.Tensor] = {}
-        self.free: list[int] = list(range(capacity - 1, -1, -1))  # popped from the end: lowest first
-
-    @property
-    def num_used(self) -> int:
-        return self.capacity - len(self.free)
-
-    @torch.inference_mode()  # the pooled tensors are inference tensors: only written in this mode
-    def acquire(self) -> int:
-        if not self.free:
-            self._grow(2 * self.capacity)
-        slot = self.free.pop()
-        for t in self.tensors.values():
-            t[slot].zero_()
-        return slot
-
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
-
-    def tensor(self, key: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = self.tensors.get(key)
-        if t is None:
-            t = self.tensors[key] = torch.zeros(self.capacity, *shape, dtype=dtype, device=self.device)
-        elif t.shape[1:] != shape or t.dtype != dtype:
-            raise ValueError(f"stream state for {key!r} is {tuple(t.shape[1:])} {t.dtype}, got {shape} {dtype}")
-        return t
-
-    def _grow(self, capacity: int) -> None:
-        for key, t in self.tensors.items():
-            self.tensors[key] = torch.cat([t, t.new_zeros(capacity - self.capacity, *t.shape[1:])])
-        self.free.extend(range(capacity - 1, self.capacity - 1, -1))
-        self.capacity = capacity
-
-
-class _Rows:
-    """The ``StreamState`` of one batched decoder call: row i is pool slot ``slots[i]``, whose
-    new frames start at absolute position ``starts[i]``."""
-
-    def __init__(self, pool: SlotPool, slots: list[int], starts: list[int]) -> None:
-        self.pool = pool
-        self.slots = torch.tensor(slots, dtype=torch.long, device=pool.device)
-        self.starts = torch.tensor(starts, dtype=torch.long, device=pool.device)
-
-    def positions(self, length: int) -> torch.Tensor:
-        return self.starts[:, None] + torch.arange(length, device=self.starts.device)
-
-    def extend(self, key: object, x: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
-        if keep == 0:
-            return x
-        dim %= x.dim()
-        shape = list(x.shape[1:])
-        shape[dim - 1] = keep
-        store = self.pool.tensor(key, tuple(shape), x.dtype)
-        out = torch.cat([store.index_select(0, self.slots), x], dim)
-        store.index_copy_(0, self.slots, out.narrow(dim, out.shape[dim] - keep, keep))
-        return out
-
-
-def vocode_history_frames(decoder: CodecDecoder) -> int:
-    """How many trailing latent frames the state of ``decoder.vocode`` can depend on.
-
-    Each stateful conv looks ``left_pad`` input samples back, each trimming transposed conv a
-    few input frames; in latent frames that is history / (samples per frame at that layer).
-    The sum over the chain bounds the dependence (≈ 9.4 frames for Qwen3-TTS, mostly the
-    ConvNeXt and first vocoder stages); one more frame covers the rounding.
-    """
-    rate, frames = 1, 0.0  # rate: samples per latent frame at the current layer's input
-    for module in [*decoder.upsample.modules(), *decoder.decoder.modules()]:
-        if isinstance(module, CausalConv1d):
-            frames += module.left_pad / rate
-        elif isinstance(module, CausalConvTranspose1d):
-            frames += -(-module.trim_right // module.stride) / rate
-            rate *= module.stride
-    return math.ceil(frames) + 1
-
-
-class StreamingDecoder:
-    """``CodecDecoder`` over pooled per-request state: open a slot, prefill it, decode into it."""
-
-    # Reference states kept per distinct reference (a registered voice is reused by many requests):
-    # a cached prefill is a row copy instead of a decoder pass on the engine thread.
-    PREFILL_CACHE_SIZE = 32
-
-    def __init__(self, decoder: CodecDecoder, device: torch.device) -> None:
-        self.decoder = decoder
-        self.device = device
-        self.pool = SlotPool(device)
-        self.vocode_history = vocode_history_frames(decoder)
-        self._prefilled: OrderedDict[bytes, dict[object, torch.Tensor]] = OrderedDict()
-
-    def open(self) -> int:
-        return self.pool.acquire()
-
-    def close(self, slot: int) -> None:
-        self.pool.release(slot)
-
-    @torch.inference_mode()
-    def prefill(self, slot: int, codes: torch.Tensor) -> None:
-        """Bring a fresh slot to the state after reference codes [T, K] (their audio is not needed)."""
-        key = codes.to("cpu", torch.long).numpy().tobytes() + bytes(str(tuple(codes.shape)), "ascii")
-        state = self._prefilled.get(key)
-        if state is None:
-            self._run_prefill(slot, codes)
-            state = {k: t[slot].clone() for k, t in self.pool.tensors.items()}
-            self._prefilled[key] = state
-            if len(self._prefilled) > self.PREFILL_CACHE_SIZE:
-                self._prefilled.popitem(last=False)
-        else:
-            self._prefilled.move_to_end(key)
-            for k, row in state.items():
-                self.pool.tensor(k, tuple(row.shape), row.dtype)[slot] = row
-
-    def _run_prefill(self, slot: int, codes: torch.Tensor) -> None:
-        rows = _Rows(self.pool, [slot], [0])
-        latent = self.decoder.latent(codes.to(self.device, torch.long).T[None], rows)
-        # The vocode half starts from zero state on the last frames only: its state after the
-        # reference depends on no more than those, so it ends up as after the whole reference.
-        self.decoder.vocode(latent[..., -self.vocode_history:], rows)
-
-    @torch.inference_mode()
-    def decode(self, slots: list[int], starts: list[int], codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, T, K] continuing rows ``slots`` at positions ``starts`` → audio [B, T · 1920]."""
-        rows = _Rows(self.pool, slots, starts)
-        return self.decoder(codes.to(self.device, torch.long).transpose(1, 2), rows)[:, 0]
-
-
 @dataclass
 class _Stream:
-    slot: int
     position: int  # frames through the decoder so far (reference + generated)
-    pending: list[list[int]] = field(default_factory=list)  # generated, not decoded (= not sent) yet
+    prefill: Future[StateRows] | None  # the reference's state (ICL), maybe still being computed
+    slot: int | None = None  # its pool row, from its first decoded frame until its last
+    pending: list[list[int]] = field(default_factory=list)  # generated, not decoded yet
+    decoded: list[np.ndarray] = field(default_factory=list)  # PCM of decoded frames not sent yet
     emitted: int = 0  # generated frames already sent
     chunks_sent: int = 0
     first_sent_at: float | None = None  # when the first chunk left: the listener's playback clock
 
+    @property
+    def ready(self) -> bool:
+        return self.prefill is None or self.prefill.done()
+
 
 class CodecStream:
-    """Per-request chunking over one :class:`StreamingDecoder` (the engine's codec stage)."""
+    """Per-request chunking over one :class:`LockstepDecoder` (the engine's codec stage). Every method
+    runs on one thread (the engine's codec worker) except the reference prefills, on their own."""
+
+    # Reference states kept per distinct reference (a registered voice is reused by many requests):
+    # a cached prefill is a row copy instead of a decoder pass.
+    PREFILL_CACHE_SIZE = 32
 
     def __init__(self, tokenizer: SpeechTokenizer, chunk_frames: tuple[int, ...], samples_per_frame: int,
-                 clock: Callable[[], float] = time.perf_counter, deadline_flush: bool = True) -> None:
+                 clock: Callable[[], float] = time.perf_counter, deadline_flush: bool = True,
+                 capacity: int = 64, cuda_graphs: bool = True) -> None:
         if samples_per_frame != tokenizer.decoder.samples_per_frame:
             raise ValueError(f"the codec makes {tokenizer.decoder.samples_per_frame} samples per frame, "
                              f"not {samples_per_frame}")
@@ -229,39 +101,65 @@ class CodecStream:
         self.clock, self.deadline_flush = clock, deadline_flush
         self.step_seconds: float | None = None  # moving average of the time between collects (one step)
         self._last_collect: float | None = None
-        self.decoder = StreamingDecoder(tokenizer.decoder, tokenizer.device)
+        self.decoder = LockstepDecoder(tokenizer.decoder, tokenizer.device, capacity, cuda_graphs)
         self.streams: dict[str, _Stream] = {}
+        self._prefilled: OrderedDict[bytes, Future[StateRows]] = OrderedDict()
+        self._prefill_worker = ThreadPoolExecutor(1, thread_name_prefix="makima-codec-prefill")
+        self._refused: set[str] = set()  # streams that failed here: their frames are dropped until close
+        self._failures: list[tuple[str, str, str]] = []  # (request id, error code, message) not yet reported
+        self.calls = 0  # lockstep decoder calls (each one frame for every stream in it)
+        self.frames_decoded = 0
 
     def open(self, request_id: str, ref_codes: torch.Tensor | None) -> None:
         """Start a request; ICL requests pass their reference codes [T_ref, 16] as left context."""
         self.close(request_id)
-        slot = self.decoder.open()
         ref_frames = 0 if ref_codes is None else ref_codes.shape[0]
-        if ref_frames:
-            self.decoder.prefill(slot, ref_codes)
-        self.streams[request_id] = _Stream(slot=slot, position=ref_frames)
+        prefill = self._prefill(ref_codes) if ref_frames else None
+        self.streams[request_id] = _Stream(position=ref_frames, prefill=prefill)
+
+    def _prefill(self, codes: torch.Tensor) -> Future[StateRows]:
+        key = codes.to("cpu", torch.long).numpy().tobytes() + bytes(str(tuple(codes.shape)), "ascii")
+        future = self._prefilled.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._prefilled[key] = self._prefill_worker.submit(self.decoder.prefill, codes)
+            if len(self._prefilled) > self.PREFILL_CACHE_SIZE:
+                self._prefilled.popitem(last=False)
+        self._prefilled.move_to_end(key)
+        return future
 
     def close(self, request_id: str) -> None:
+        self._refused.discard(request_id)
         s = self.streams.pop(request_id, None)
-        if s is not None:
-            self.decoder.close(s.slot)
+        if s is not None and s.slot is not None:
+            self.decoder.pool.release(s.slot)
 
     def push(self, request_id: str, frame: list[int]) -> None:
-        self.streams[request_id].pending.append(frame)
+        if request_id not in self._refused:  # a refused stream's frames go nowhere until it is closed
+            self.streams[request_id].pending.append(frame)
+
+    def take_failures(self) -> list[tuple[str, str, str]]:
+        """Streams that failed here since the last call, as (request id, error code, message): no state
+        row was free (OVERLOADED) or the reference prefill raised (SYNTHESIS_ERROR). The engine fails
+        those requests; the others in the same step are not affected."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def shutdown(self) -> None:
+        self._prefill_worker.shutdown(wait=True)
 
     def _due(self, s: _Stream, final: bool, now: float) -> bool:
-        if not s.pending:
+        if not s.decoded:
             return False
         size = self.chunk_frames[min(s.chunks_sent, len(self.chunk_frames) - 1)]
-        if final or len(s.pending) >= size:
+        if final or len(s.decoded) >= size:
             return True
         if not self.deadline_flush or s.first_sent_at is None or self.step_seconds is None \
                 or self.step_seconds >= self.frame_seconds:
             return False  # slower than real time, the listener starves anyway: keep chunks cheap
-        # Waiting for the full chunk costs (size - pending) more steps, and one more to decode and
+        # Waiting for the full chunk costs (size - decoded) more steps, and one more to decode and
         # deliver it: flush now if the listener would run out of audio before that.
         left = s.emitted * self.frame_seconds - (now - s.first_sent_at)
-        return left < (size - len(s.pending) + 1) * self.step_seconds
+        return left < (size - len(s.decoded) + 1) * self.step_seconds
 
     def _time_step(self, now: float) -> None:
         if self._last_collect is not None:
@@ -269,31 +167,65 @@ class CodecStream:
             self.step_seconds = dt if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * dt
         self._last_collect = now if self.streams else None  # an idle gap is not a step
 
+    def _decodable(self, rid: str, s: _Stream, final: bool) -> bool:
+        """Whether ``s`` takes part in this call: it has a frame, its reference state is ready (a final
+        stream waits for it) and it holds a row (taken now, or refused when none is free)."""
+        if not s.pending or rid in self._refused:
+            return False
+        if not s.ready and not final:
+            return False
+        if s.slot is None:
+            try:
+                s.slot = self.decoder.pool.acquire(None if s.prefill is None else s.prefill.result())
+            except Exception as e:  # this stream fails, the step goes on for the others
+                code = e.code if isinstance(e, EngineError) else "SYNTHESIS_ERROR"
+                self._refused.add(rid)
+                self._failures.append((rid, code, f"codec: {e}"))
+                s.pending.clear()
+                return False
+        return True
+
+    def _decode_once(self, rids: list[str]) -> None:
+        """One lockstep call: each of ``rids`` advances by its oldest pending frame."""
+        group = [self.streams[rid] for rid in rids]
+        audio = self.decoder.step([s.slot for s in group], [s.position for s in group],
+                                  [s.pending[0] for s in group])
+        for i, s in enumerate(group):
+            s.decoded.append(audio[i].copy())
+            s.pending.pop(0)
+            s.position += 1
+        self.calls += 1
+        self.frames_decoded += len(group)
+
     def collect(self, final_ids: set[str]) -> list[Chunk]:
-        """Decode and return every due chunk (a request in ``final_ids`` flushes whatever it has).
-        Called once per engine step: the interval between calls is the step time it plans with."""
+        """Decode every stream's new frame in one call, then return every due chunk (a request in
+        ``final_ids`` flushes whatever it has). Called once per engine step: the interval between
+        calls is the step time it plans with.
+
+        The engine pushes one frame per stream per step, so one call serves them all. A stream with
+        more (its reference prefill finished late, or a caller pushed several) catches up here, in
+        one more call per extra frame that only the streams still behind take part in.
+        """
         now = self.clock()
         self._time_step(now)
-        due = [rid for rid, s in self.streams.items() if self._due(s, rid in final_ids, now)]
-        by_count: dict[int, list[str]] = {}
-        for rid in due:
-            by_count.setdefault(len(self.streams[rid].pending), []).append(rid)
-        audio: dict[str, np.ndarray] = {}
-        for rids in by_count.values():
-            group = [self.streams[rid] for rid in rids]
-            codes = torch.tensor([s.pending for s in group], dtype=torch.long)
-            wave = self.decoder.decode([s.slot for s in group], [s.position for s in group], codes)
-            wave = wave.float().cpu().numpy()
-            for i, (rid, s) in enumerate(zip(rids, group, strict=True)):
-                audio[rid] = wave[i]
-                s.position += len(s.pending)
+        rids = [rid for rid, s in self.streams.items() if self._decodable(rid, s, rid in final_ids)]
+        while rids:
+            self._decode_once(rids)
+            rids = [rid for rid in rids if self.streams[rid].pending]
         chunks = []
-        for rid in due:
-            s = self.streams[rid]
-            chunks.append(Chunk(rid, audio[rid], s.emitted, len(s.pending)))
-            s.emitted += len(s.pending)
+        for rid, s in self.streams.items():
+            final = rid in final_ids
+            if not self._due(s, final, now):
+                continue
+            chunks.append(Chunk(rid, np.concatenate(s.decoded), s.emitted, len(s.decoded)))
+            s.emitted += len(s.decoded)
             s.chunks_sent += 1
             if s.first_sent_at is None:
                 s.first_sent_at = now
-            s.pending.clear()
+            s.decoded.clear()
+        for rid in final_ids:  # its last frame is out: the row is free for the next stream
+            s = self.streams.get(rid)
+            if s is not None and s.slot is not None and not s.pending and not s.decoded:
+                self.decoder.pool.release(s.slot)
+                s.slot = None
         return chunks

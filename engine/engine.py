@@ -64,6 +64,11 @@ class Engine:
         if model.device.type == "cpu" and self.cfg.cpu_threads:
             torch.set_num_threads(self.cfg.cpu_threads)  # process-wide: the engine owns the compute
         talker_cfg = model.cfg.talker.transformer
+        # The codec first: its state pool and (on CUDA) graphs are allocated now, for max_running streams,
+        # so the KV pool below is sized from the memory they leave.
+        self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
+                                 model.cfg.speech_tokenizer.samples_per_frame, deadline_flush=self.cfg.deadline_flush,
+                                 capacity=self.cfg.max_running, cuda_graphs=self.cfg.cuda_graphs)
         num_blocks = self.cfg.num_kv_blocks or max(
             16, int(self._kv_cache_bytes() // PagedKVCache.bytes_per_block(talker_cfg, self.cfg.block_size,
                                                                             model.dtype)))
@@ -74,8 +79,6 @@ class Engine:
         if model.device.type == "cuda" and self.cfg.cuda_graphs:
             graphs = DecodeGraphs(model.tts.talker, self.kv, self.cfg.max_running, self.cfg.max_sequence_len)
         self.runner = Runner(model.tts.talker, self.kv, self.blocks, graphs)
-        self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
-                                 model.cfg.speech_tokenizer.samples_per_frame, deadline_flush=self.cfg.deadline_flush)
         # The codec stage runs on its own thread, one step behind the model: while it decodes
         # step N's frames, the engine thread runs step N+1 on the other core. Every codec call goes
         # through this single worker, in submission order, so the stream state has one owner.
@@ -183,13 +186,15 @@ class Engine:
                            extra={**self._step_times, **self.runner.timings,
                                   "preemptions": self.scheduler.preemptions,
                                   "prefix_rows_reused": self.scheduler.prefix_rows_reused},
-                           counters={"engine_steps": self._step_times["steps"]})
+                           counters={"engine_steps": self._step_times["steps"], "codec_calls": self.codec.calls,
+                                     "codec_frames": self.codec.frames_decoded})
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
         self._codec_worker.shutdown(wait=True)
+        self.codec.shutdown()
 
     def _call(self, fn: Callable[[], None]) -> None:
         self._inbox.put(fn)
@@ -361,6 +366,11 @@ class Engine:
             if state.first_chunk_at is None:
                 state.first_chunk_at = time.perf_counter()
             consumer.put(AudioChunk(chunk.request_id, chunk.samples, chunk.first_frame, chunk.num_frames))
+        for rid, code, message in self.codec.take_failures():  # e.g. no codec state row free: that request only
+            def fail(rid: str = rid, code: str = code, message: str = message) -> None:
+                if rid in self._states:
+                    self._finish(self._states[rid], StopReason.ERROR, message, code)
+            self._call(fail)  # on the engine thread, which owns the request states
         self._step_times["codec_s"] += time.perf_counter() - t0
 
     def _complete_codec_job(self) -> None:

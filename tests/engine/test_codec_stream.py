@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -57,6 +58,9 @@ def stream(tok: SpeechTokenizer, requests: dict[str, tuple[torch.Tensor | None, 
             k = step - start
             if k == 0:
                 cs.open(rid, ref)
+                prefill = cs.streams[rid].prefill
+                if prefill is not None:
+                    prefill.result()  # ready before the first frame, as the talker's prefill of it takes a step
             if 0 <= k < len(gen):
                 cs.push(rid, gen[k].tolist())
                 if k == len(gen) - 1:
@@ -147,7 +151,7 @@ def test_window_slides_at_real_window(tok):
 
 def mixed(seed: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor, int]]:
     """Six requests, plain and ICL with different references, different lengths and starts
-    (more than the pool's first 4 slots, opened while others run: the pool grows mid-stream)."""
+    (opened while others run, in calls of several buckets with padding rows)."""
     out = {}
     for i in range(6):
         ref = random_codes(4 + 7 * i, seed=seed + 100 + i) if i % 2 else None
@@ -179,6 +183,7 @@ def test_close_frees_state_and_a_reused_slot_starts_clean(tok):
     ref = random_codes(15, seed=13)
     for rid in ("a", "b", "c"):
         cs.open(rid, ref)
+        cs.streams[rid].prefill.result()
         cs.push(rid, random_codes(1, seed=14)[0].tolist())
     cs.collect(set())
     assert cs.decoder.pool.num_used == 3
@@ -188,12 +193,18 @@ def test_close_frees_state_and_a_reused_slot_starts_clean(tok):
     with pytest.raises(KeyError):
         cs.push("b", [0] * 16)
     cs.close("b")  # closing twice is harmless
-    # "d" gets b's slot: no reference, no history of b's may leak into it.
+    # "d" gets b's slot at its first frame: no reference, no history of b's may leak into it.
     cs.open("d", None)
-    assert cs.streams["d"].slot == b_slot
+    assert cs.streams["d"].slot is None  # an open stream holds no row before it has a frame
     gen = random_codes(10, seed=15)
-    chunks = stream(tok, {"d": (None, gen, 0)}, cs=cs)["d"]
-    assert cs.decoder.pool.num_used == 2
+    chunks = []
+    for k, frame in enumerate(gen.tolist()):
+        cs.push("d", frame)
+        chunks += cs.collect({"d"} if k == len(gen) - 1 else set())
+        if k == 0:
+            assert cs.streams["d"].slot == b_slot
+    assert cs.decoder.pool.num_used == 2  # d's row went back with its last chunk, before its close
+    cs.close("d")
     assert np.abs(samples(chunks) - one_pass(tok, gen)).max() <= TOL
     for rid in ("a", "c"):
         cs.close(rid)
@@ -208,12 +219,13 @@ def test_cached_reference_prefill_gives_the_same_audio(tiny_model):
     outs = []
     for rid in ("first", "second"):  # the second open is served from the prefill cache
         stream.open(rid, ref)
+        stream.streams[rid].prefill.result()
         for f in frames:
             stream.push(rid, f)
         (chunk,) = stream.collect(set())
         outs.append(chunk.samples.copy())
         stream.close(rid)
-    assert len(stream.decoder._prefilled) == 1
+    assert len(stream._prefilled) == 1
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -229,16 +241,20 @@ def listener_underruns(chunks: list, sample_rate: int) -> int:
     return late
 
 
+@pytest.mark.parametrize("icl", [False, True])
 @pytest.mark.parametrize(("step", "expect_full_chunks"), [(0.01, True), (0.06, False), (0.1, True)])
 def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_ramp(tok, step,
-                                                                                    expect_full_chunks):
+                                                                                    expect_full_chunks, icl):
     """At 0.01 s per 80 ms frame the schedule is kept; at 0.06 s (faster than real time, slower than
     the 2x the doubling ramp needs) chunks go early and no listener starves; at 0.1 s (slower than real
     time) nothing can keep the listener fed, and the schedule's cheaper large chunks stand."""
     gen = random_codes(40, seed=11)
     clock = FakeClock(step)
     cs = CodecStream(tok, SCHEDULE, SPF, clock=clock)
-    cs.open("a", None)
+    ref = random_codes(12, seed=10) if icl else None
+    cs.open("a", ref)
+    if icl:
+        cs.streams["a"].prefill.result()
     chunks = []
     for k, frame in enumerate(gen.tolist()):
         cs.push("a", frame)
@@ -246,8 +262,8 @@ def test_deadline_flush_keeps_listeners_fed_when_generation_is_slower_than_the_r
             c.arrived = clock.now
             chunks.append(c)
     sizes = [c.num_frames for c in chunks]
-    assert sum(sizes) == 40
-    assert np.abs(samples(chunks) - one_pass(tok, gen)).max() <= TOL
+    assert sum(sizes) == 40 and samples(chunks).shape == (40 * SPF,)
+    assert np.abs(samples(chunks) - one_pass(tok, gen, ref)).max() <= TOL
     if expect_full_chunks:
         check_chunks(chunks, 40, SCHEDULE)
     else:
@@ -265,3 +281,141 @@ def test_deadline_flush_can_be_turned_off(tok):
         cs.push("a", frame)
         chunks += cs.collect({"a"} if k == len(gen) - 1 else set())
     check_chunks(chunks, 40, SCHEDULE)
+
+
+# ---- lockstep: one call per step, bounded state, reference prefills beside the step -------------
+
+
+def count_decoder_calls(tok: SpeechTokenizer) -> tuple[list[int], object]:
+    """Counts the decoder's forward passes (the lockstep calls; prefills use latent/vocode directly)."""
+    calls = [0]
+    handle = tok.decoder.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def test_one_decoder_call_per_step_with_staggered_streams(tok):
+    # mixed(): plain and ICL streams, different starts and lengths, so chunk phases differ at every
+    # step (the landed design made one call per distinct pending count: several per step here).
+    requests = mixed(seed=3)
+    cs = CodecStream(tok, SCHEDULE, SPF, clock=FakeClock(0.001), capacity=8)
+    calls, handle = count_decoder_calls(tok)
+    per_step = []
+    original = cs.collect
+
+    def counted(final_ids):
+        before = calls[0]
+        out = original(final_ids)
+        per_step.append(calls[0] - before)
+        return out
+
+    cs.collect = counted
+    try:
+        chunks = stream(tok, requests, cs=cs)
+    finally:
+        handle.remove()
+    assert max(per_step) == 1 and calls[0] == cs.calls == len(per_step)  # every step has a frame here
+    assert cs.frames_decoded == sum(len(gen) for _, gen, _ in requests.values())
+    for rid, (ref, gen, _) in requests.items():
+        check_chunks(chunks[rid], len(gen), SCHEDULE)
+        assert np.abs(samples(chunks[rid]) - one_pass(tok, gen, ref)).max() <= TOL, rid
+
+
+def test_same_shape_neighbours_leave_a_stream_bitwise_equal(tok):
+    # Same bucket, same row, other neighbours (codes, reference lengths, so positions): the same floats.
+    probe = (None, random_codes(14, seed=21), 0)
+    runs = []
+    for seed in (1, 2):
+        others = {f"n{i}": (random_codes(4 * seed + i, seed=seed * 10 + i) if i % 2 else None,
+                            random_codes(20, seed=seed * 10 + 5 + i), 0) for i in range(3)}
+        runs.append(samples(stream(tok, {"probe": probe, **others})["probe"]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_the_state_pool_is_allocated_once_and_refuses_beyond_capacity(tok):
+    cs = CodecStream(tok, (1,), SPF, capacity=2)
+    pool = cs.decoder.pool
+    storage = {k: t.data_ptr() for k, t in pool.tensors.items()}
+    assert storage and all(t.shape[0] == 3 for t in pool.tensors.values())  # 2 streams + the scratch row
+    assert pool.bytes_per_stream * 3 == pool.nbytes
+    gens = {rid: random_codes(4, seed=30 + i) for i, rid in enumerate("abc")}
+    for rid in gens:
+        cs.open(rid, None)  # an open stream takes no row yet: a waiting request costs nothing here
+    assert pool.num_used == 0
+    out: dict[str, list] = {rid: [] for rid in gens}
+    for k in range(4):
+        for rid, gen in gens.items():
+            cs.push(rid, gen[k].tolist())
+        for c in cs.collect(set(gens) if k == 3 else set()):
+            out[c.request_id].append(c)
+        if k == 0:
+            assert cs.take_failures() == [("c", "OVERLOADED", "codec: the codec holds state for 2 streams, all in use")]
+        else:
+            assert cs.take_failures() == []  # reported once; c's later frames are dropped, nothing raises
+    assert out["c"] == []
+    for rid in "ab":
+        assert np.abs(samples(out[rid]) - one_pass(tok, gens[rid])).max() <= TOL
+    assert {k: t.data_ptr() for k, t in pool.tensors.items()} == storage  # never reallocated
+    for rid in "abc":
+        cs.close(rid)
+    cs.open("c", None)  # a closed stream's id starts afresh, and rows are free again
+    cs.push("c", gens["c"][0].tolist())
+    assert [ch.num_frames for ch in cs.collect({"c"})] == [1] and cs.take_failures() == []
+
+
+def test_a_slow_reference_prefill_does_not_delay_other_streams(tok, monkeypatch):
+    cs = CodecStream(tok, (1,), SPF, capacity=4)
+    release = threading.Event()
+    prefill = cs.decoder.prefill
+
+    def slow_prefill(codes):
+        assert release.wait(timeout=60)
+        return prefill(codes)
+
+    monkeypatch.setattr(cs.decoder, "prefill", slow_prefill)
+    ref, icl, plain = random_codes(10, seed=40), random_codes(6, seed=41), random_codes(6, seed=42)
+    cs.open("icl", ref)
+    cs.open("plain", None)
+    got: dict[str, list] = {"icl": [], "plain": []}
+    for k in range(6):
+        if k == 3:
+            release.set()
+            cs.streams["icl"].prefill.result()  # ready from here: it catches up in this step
+        cs.push("icl", icl[k].tolist())
+        cs.push("plain", plain[k].tolist())
+        chunks = cs.collect({"icl", "plain"} if k == 5 else set())
+        for c in chunks:
+            got[c.request_id].append(c)
+        assert [c.num_frames for c in chunks if c.request_id == "plain"] == [1]  # every step, prefill or not
+        if k < 3:
+            assert not any(c.request_id == "icl" for c in chunks)  # queued, not decoded without its state
+    assert [c.num_frames for c in got["icl"]] == [4, 1, 1]  # the 3 queued frames and step 3's in one chunk
+    assert np.abs(samples(got["icl"]) - one_pass(tok, icl, ref)).max() <= TOL
+    assert np.abs(samples(got["plain"]) - one_pass(tok, plain)).max() <= TOL
+
+
+def test_a_final_flush_waits_for_a_late_prefill(tok):
+    cs = CodecStream(tok, (12,), SPF, capacity=2)
+    ref, gen = random_codes(10, seed=43), random_codes(3, seed=44)
+    cs.open("a", ref)
+    chunks = []
+    for k, frame in enumerate(gen.tolist()):
+        cs.push("a", frame)
+        chunks += cs.collect({"a"} if k == 2 else set())
+    assert [c.num_frames for c in chunks] == [3]
+    assert np.abs(samples(chunks) - one_pass(tok, gen, ref)).max() <= TOL
+
+
+def test_a_failed_prefill_fails_its_stream_only(tok, monkeypatch):
+    cs = CodecStream(tok, (1,), SPF, capacity=2)
+
+    def broken(codes):
+        raise RuntimeError("broken reference")
+
+    monkeypatch.setattr(cs.decoder, "prefill", broken)
+    cs.open("icl", random_codes(5, seed=45))
+    cs.open("plain", None)
+    cs.streams["icl"].prefill.exception()  # wait for it to fail
+    for rid in ("icl", "plain"):
+        cs.push(rid, random_codes(1, seed=46)[0].tolist())
+    assert [c.request_id for c in cs.collect(set())] == ["plain"]
+    assert cs.take_failures() == [("icl", "SYNTHESIS_ERROR", "codec: broken reference")]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.codec_stream import CodecStream
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine import Engine
@@ -82,6 +83,10 @@ def test_batches_above_the_largest_bucket_run_eagerly(tiny_model, voices_for_gra
     engine, calls = graphed_engine(tiny_model, max_batch=2)
     engine.cfg = EngineConfig(**{**engine.cfg.__dict__, "max_running": 8})
     engine.scheduler.cfg = engine.cfg
+    # The codec's state pool is sized for max_running at start as well: give it room for the 8.
+    engine.codec.shutdown()
+    engine.codec = CodecStream(tiny_model.speech_tokenizer, engine.cfg.chunk_frames, 1920, capacity=8,
+                               cuda_graphs=engine.cfg.cuda_graphs)
     try:
         results = run_all(engine, requests)
     finally:
