@@ -136,7 +136,8 @@ async def info(request: web.Request) -> web.Response:
         "error": state.load_error, "sample_rate": e.sample_rate if e else 24000,
         "languages": list(e.languages) if e else [], "encodings": list(P.ENCODINGS),
         "auth_required": bool(s.auth_tokens), "subprotocol": SUBPROTOCOL, "max_text_chars": s.max_text_chars,
-        "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice})
+        "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice,
+        "precision": getattr(e, "precision", None)})  # the engine's weight format and why (engine/precision.py)
 
 
 async def page(request: web.Request) -> web.FileResponse:

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
+WEIGHT_CHOICES = ["auto", "fp32", "bf16", "int8"]  # engine/precision.py (not imported: --help stays instant)
+WEIGHTS_HELP = ("projection weights: auto (bf16 where this CPU multiplies bf16 natively and it measures faster, "
+                "else fp32), fp32, bf16, or int8 (weight-only, per-channel scales; opt-in) (default: %(default)s)")
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +44,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: full memory bandwidth already, no barrier stalls)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA); float32 alone: the fp32 path")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
 
 
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +67,7 @@ def _synthesize_requests(args: argparse.Namespace) -> int:
     if not args.requests.is_file():
         raise ValueError(f"--requests {args.requests}: no such file")
     engine = Engine.from_model(args.model, EngineConfig(device=args.device, dtype=args.dtype,
-                                                        cpu_threads=args.threads))
+                                                        cpu_threads=args.threads, weights=args.weights))
     try:
         report = run_requests(engine, args.requests, args.out_dir, args.stagger_ms)
     finally:
@@ -92,6 +96,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="voice for sessions and requests that name none (and for OpenAI's built-in names)")
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", "1")),
+                   help="torch CPU threads (default %(default)s: measured fastest under the server's own load, "
+                        "bench/RESULTS.md)")
+    p.add_argument("--dtype", default=_env("DTYPE"), choices=["float32", "bfloat16"],
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA); float32 alone: the fp32 path")
+    p.add_argument("--weights", default=_env("WEIGHTS", "auto"), choices=WEIGHT_CHOICES, help=WEIGHTS_HELP)
     p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")),
                    help="WebSocket sessions plus HTTP speech requests at once; more get OVERLOADED "
                         "(default: %(default)s)")
@@ -155,7 +165,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         non_streaming_text=args.non_streaming_text, codes_out=args.codes_out)
     if args.ref_audio is not None and not args.ref_audio.is_file():
         raise ValueError(f"--ref-audio {args.ref_audio}: no such file")
-    model = TTSModel.load(args.model, device=args.device, dtype=dtype)
+    model = TTSModel.load(args.model, device=args.device, dtype=dtype, weights=args.weights)
     stats = run(model, req)
     print(json.dumps(stats))
     return 0
@@ -194,7 +204,10 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.noise_model:
         logging.getLogger("makima").warning("--model %s: random weights, the audio is noise", args.model)
     app = create_app(None, settings)
-    load_in_background(app, lambda progress: load_engine(args.model, device, progress))
+    if args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    load_in_background(app, lambda progress: load_engine(args.model, device, progress, args.threads,
+                                                         args.weights, args.dtype))
     run(app, args.host, args.port)
     return 0
 

@@ -23,7 +23,8 @@ def is_random(model: str) -> bool:
     return model.startswith(RANDOM_PREFIX)
 
 
-def load_engine(model: str, device: str, progress: Callable[[str], None]) -> TTSEngine:
+def load_engine(model: str, device: str, progress: Callable[[str], None], cpu_threads: int = 1,
+                weights: str = "auto", dtype: str | None = None) -> TTSEngine:
     """``model``: a checkpoint directory, a hub id, or ``random:PRESET`` (a random checkpoint in the
     real layout, written to a temporary directory: it serves noise, for trying the stack)."""
     try:
@@ -51,7 +52,8 @@ def load_engine(model: str, device: str, progress: Callable[[str], None]) -> TTS
 
     threading.Thread(target=ticker, daemon=True).start()
     try:
-        engine = Engine.from_model(path, EngineConfig(device=device))
+        engine = Engine.from_model(path, EngineConfig(device=device, cpu_threads=cpu_threads, weights=weights,
+                                                      dtype=dtype))
     finally:
         done.set()
     log.info("model loaded in %.1f s", time.monotonic() - t0)
