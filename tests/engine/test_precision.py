@@ -224,3 +224,16 @@ def test_the_probe_times_both_formats_on_this_machine():
     assert precision.measure_gemv_us("fp32", 256, 128, matrices=2, repeats=2) > 0
     assert precision.measure_gemv_us("bf16", 256, 128, matrices=2, repeats=2) > 0
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh int8)")
+def test_int8_on_cuda_matches_bf16_linear():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(3072, 1024, generator=gen).cuda().bfloat16()
+    x = torch.randn(8, 1024, generator=gen).cuda().bfloat16()
+    p = make_projection(w, "int8")
+    assert isinstance(p, Int8Projection) and p.act_dtype == torch.bfloat16
+    ref = (x.float() @ w.float().t())
+    wf = w.float()
+    e0 = math.sqrt(float(((wf.abs().amax(1) / 127) ** 2 / 12 / wf.pow(2).mean(1)).mean()) + 2 * U_BF16**2 / 3)
+    assert (_rel_err(p(x).float(), ref) <= 4 * e0).all()
