@@ -92,7 +92,8 @@ def measure_gemv_us(weights: str, out_features: int = 4096, in_features: int = 1
     torch.set_num_threads(1)
     try:
         gen = torch.Generator().manual_seed(0)
-        projections = [make_projection(torch.randn(out_features, in_features, generator=gen), weights)
+        # Input-major, as pack_linears stores a wide fp32 matrix (its faster one-row layout).
+        projections = [make_projection(torch.randn(in_features, out_features, generator=gen).t(), weights)
                        for _ in range(matrices)]
         x = torch.randn(1, in_features, generator=gen)
         for p in projections:
