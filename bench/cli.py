@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from server.cli import WEIGHT_CHOICES, WEIGHTS_HELP  # argparse strings only: no torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,6 +83,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run every step eagerly (to compare)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
     p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.md")
 
@@ -95,6 +98,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="text to speak (default: a pangram)")
     p.add_argument("--frames", type=int, nargs=2, default=[2, 12], help="two frame caps (default: 2 12)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
     p.add_argument("--note", help=NOTE_HELP)
     p.add_argument("--out", type=Path, required=True, help="directory for compare-official.json and .md")
 
@@ -187,7 +191,7 @@ def _engine(args: argparse.Namespace) -> int:
     from bench.report import engine_markdown, provenance, write_report
 
     report = engine_steps.measure(args.model, args.sessions, args.frames, args.device, args.threads,
-                                  cuda_graphs=not args.no_cuda_graphs)
+                                  cuda_graphs=not args.no_cuda_graphs, weights=args.weights)
     report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)
@@ -205,7 +209,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--oracle-python {oracle}: not found (make the venv with "
                          "tests/fixtures/oracle/setup-oracle-venv.sh, pass its python, or use --no-official)")
     text = args.text or compare_official.DEFAULT_TEXT
-    report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads)
+    report = compare_official.compare(args.model, oracle, text, tuple(args.frames), args.threads, args.weights)
     report.update(bench="compare-official", model=str(args.model), text=text, frames=list(args.frames),
                   provenance=provenance(args.note))
     markdown = compare_markdown(report)

@@ -77,8 +77,10 @@ def run_one(model: str, sessions: int, frames: int, module_path: str | None, thr
     cls = _codec_stream_class(module_path)
     for t in tok.state_dict().values():  # page the weights in now: they are not the codec's working memory
         t.sum()
-    rss_before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+    # The baseline is the reset high-water mark itself, not VmRSS read beside it: RSS can fall between
+    # two reads (freed pages), which made the "peak above baseline" negative; VmHWM only grows from here.
+    rss_before = _rss_kib("VmHWM")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -23,14 +23,15 @@ from engine.generate import generate_codes
 from engine.model import TTSModel
 from engine.prompt import build_prompt
 
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}  # int8's per-channel scales are 0.1-0.4 % more
 OFFICIAL_RUNNER = Path(__file__).resolve().parent / "official" / "run_official.py"
 DEFAULT_ORACLE_PYTHON = "../.oracle-venv/bin/python"  # relative to the checkout, as the setup script puts it
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank."
 
 
-def ours(model_dir: str, text: str, frames: tuple[int, int]) -> dict:
+def ours(model_dir: str, text: str, frames: tuple[int, int], weights: str = "auto") -> dict:
     t0 = time.perf_counter()
-    model = TTSModel.load(model_dir)
+    model = TTSModel.load(model_dir, weights=weights)
     load_s = time.perf_counter() - t0
     ref = (0.1 * np.sin(np.arange(48000) * 2 * np.pi * 150 / 24000)).astype(np.float32)
     voice = model.voice_prompt(ref, x_vector_only=True)
@@ -50,7 +51,7 @@ def ours(model_dir: str, text: str, frames: tuple[int, int]) -> dict:
     return {"load_s": load_s, "runs": runs,
             "s_per_frame": (b["generate_s"] - a["generate_s"]) / (b["frames"] - a["frames"]),
             "decode_s_per_frame": b["decode_s"] / b["frames"], "threads": torch.get_num_threads(),
-            "config": model.cfg}
+            "precision": model.weight_plan.as_dict(), "config": model.cfg}
 
 
 def official(python: str, model_dir: str, text: str, frames: tuple[int, int], threads: int = 0) -> dict:
@@ -63,14 +64,15 @@ def official(python: str, model_dir: str, text: str, frames: tuple[int, int], th
 
 
 def compare(model: str, oracle_python: str | None, text: str = DEFAULT_TEXT, frames: tuple[int, int] = (2, 12),
-            threads: int = 0) -> dict:
+            threads: int = 0, weights: str = "auto") -> dict:
     """Both sides and the floor (``makima-tts bench compare-official`` calls this); no official side
-    when ``oracle_python`` is empty. ``threads``: torch threads on both sides (0: torch's default)."""
+    when ``oracle_python`` is empty. ``threads``: torch threads on both sides (0: torch's default).
+    ``weights``: our projections' weight format; the floor counts that format's bytes."""
     if threads:
         torch.set_num_threads(threads)
-    mine = ours(model, text, frames)
+    mine = ours(model, text, frames, weights)
     cfg = mine.pop("config")
-    floor = floor_seconds_per_frame(cfg)
+    floor = floor_seconds_per_frame(cfg, bytes_per_weight=BYTES_PER_WEIGHT[mine["precision"]["weights"]])
     theirs = official(oracle_python, model, text, frames, threads) if oracle_python else None
     report = {"ours": mine, "official": theirs, "floor": floor,
               "ours_vs_floor": mine["s_per_frame"] / floor["floor_s_per_frame"]}

@@ -61,11 +61,11 @@ def run_concurrency(engine: Engine, voice, n: int, frames: int) -> dict:
 
 
 def measure(model: str, sessions: list[int], frames: int, device: str = "cpu", threads: int | None = 1,
-            cuda_graphs: bool = True) -> dict:
+            cuda_graphs: bool = True, weights: str = "auto") -> dict:
     """The whole bench: one row per concurrency in ``sessions`` (``makima-tts bench engine`` calls this)."""
     t0 = time.perf_counter()
     engine = Engine.from_model(model, EngineConfig(device=device, cpu_threads=threads, cuda_graphs=cuda_graphs,
-                                                   max_running=max(64, *sessions)))
+                                                   max_running=max(64, *sessions), weights=weights))
     startup_s = time.perf_counter() - t0
     try:
         ref = (0.1 * np.sin(np.arange(48000) * 2 * np.pi * 150 / 24000)).astype(np.float32)
@@ -76,7 +76,7 @@ def measure(model: str, sessions: list[int], frames: int, device: str = "cpu", t
         engine.shutdown()
     report = {"model": str(model), "device": device, "threads": torch.get_num_threads(),
               "cuda_graphs": engine.runner.graphs is not None, "startup_s": startup_s,
-              "frames_per_request": frames,
+              "frames_per_request": frames, "precision": engine.precision,
               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "runs": rows}
     if torch.cuda.is_available() and device == "cuda":
         report["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30

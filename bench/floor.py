@@ -50,11 +50,13 @@ def gemv_bandwidth(megabytes: int = 512, repeats: int = 20) -> float:
     return w.numel() * 4 / best
 
 
-def floor_seconds_per_frame(cfg: ModelConfig, bandwidth: float | None = None) -> dict:
+def floor_seconds_per_frame(cfg: ModelConfig, bandwidth: float | None = None, bytes_per_weight: int = 4) -> dict:
+    """The floor for weights of ``bytes_per_weight`` bytes (4 fp32, 2 bf16, 1 int8) streamed at the
+    fp32 GEMV's bandwidth: what the hardware allows for those bytes, whatever kernel reads them."""
     bw = bandwidth or gemv_bandwidth()
-    nbytes = weights_read_per_frame(cfg)
+    nbytes = weights_read_per_frame(cfg, bytes_per_weight)
     return {"weights_read_per_frame_gb": nbytes / 1e9, "gemv_gb_per_s": bw / 1e9, "floor_s_per_frame": nbytes / bw,
-            "threads": torch.get_num_threads()}
+            "bytes_per_weight": bytes_per_weight, "threads": torch.get_num_threads()}
 
 
 def main() -> None:

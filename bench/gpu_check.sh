@@ -2,7 +2,7 @@
 # The checks only a GPU can run, as one prepared script for a short GPU lease.
 #
 #   bench/gpu_check.sh OUT_DIR [STEP ...]     steps: env kernels kernel-bench engine full full-eager
-#                                             codec serve full-1.7b (default: all)
+#                                             codec int8 serve full-1.7b (default: all)
 #
 # ARCHIVE=FILE also packs OUT_DIR into FILE (tar.gz) after every step, for a lease that returns few files.
 # Each step has its own time limit and writes its log under OUT_DIR, so a slow step costs only itself.
@@ -17,7 +17,7 @@
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-env kernels kernel-bench engine full full-eager codec serve full-1.7b}
+steps=${*:-env kernels kernel-bench engine full full-eager codec int8 serve full-1.7b}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
@@ -83,6 +83,14 @@ for step in $steps; do
         run bench_engine_1.7b "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full17" \
             --device "${DEVICE:-cuda}" --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
             --out "$out/engine-1.7b" --note "random 1.7b-base weights, default dtype, $gpu"
+        ;;
+    int8)  # int8 weights on CUDA (_weight_int8pack_mm, or the dequantising fallback): runs, and how fast
+        run int8_cuda_test 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_precision.py -k cuda
+        [ -f "$full/model.safetensors" ] ||
+            run make_full 180 python3 -m server.cli make-random-checkpoint "$full" --preset 0.6b-base
+        run bench_engine_int8 "${BENCH_ENGINE_LIMIT:-300}" python3 -m server.cli bench engine --model "$full" \
+            --device "${DEVICE:-cuda}" --weights int8 --sessions "${SESSIONS:-1,8,32,64}" --frames "${FRAMES:-48}" \
+            --out "$out/engine-int8" --note "random 0.6b-base weights, int8 weights, bf16 activations, $gpu"
         ;;
     serve)
         python3 -m server.cli serve --model "$full" --device "${DEVICE:-cuda}" --port 8123 --max-sessions 128 \

@@ -254,6 +254,12 @@ def _preroll(cfg: dict) -> str:
 
 
 # ---- engine and compare-official: Markdown ---------------------------------------------------------------
+def precision_fact(p: dict) -> str:
+    """The engine's weight plan (engine/precision.py) as one line."""
+    timed = f"; GEMV µs {p['gemv_us']}" if p.get("gemv_us") else ""
+    return f"{p['weights']} ({p['reason']}; ISA {p['isa']} from {p['isa_source']}{timed})"
+
+
 def engine_markdown(report: dict) -> str:
     runs = report["runs"]
     base = runs[0]["frames_per_s"] if runs else 1.0
@@ -280,6 +286,8 @@ def engine_markdown(report: dict) -> str:
              ("start-up", f"{report.get('startup_s', float('nan')):.1f} s to load (and capture graphs)"),
              ("work", f"each session {report.get('frames_per_request', '?')} frames, greedy, x-vector voice"),
              ("memory", mem)]
+    if report.get("precision"):
+        facts.append(("weights", precision_fact(report["precision"])))
     note = ("TTFA here is inside the engine (submit → first audio chunk), without the server or network. "
             "The split is the share of model time per stage.")
     return "\n\n".join([md_header("`bench engine`", report["provenance"], facts), table, note])
@@ -302,6 +310,8 @@ def compare_markdown(report: dict) -> str:
         ratios.insert(0, f"official / ours = {report['official_vs_ours']:.2f}× (above 1: we are faster)")
     facts = [("model", report["model"]), ("text", report["text"]),
              ("frames", " and ".join(map(str, report["frames"])) + " (per-frame time = difference / frame difference)")]
+    if ours.get("precision"):
+        facts.append(("our weights", precision_fact(ours["precision"])))
     return "\n\n".join([md_header("`bench compare-official`", report["provenance"], facts), table,
                         "; ".join(ratios) + "."])
 

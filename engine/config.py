@@ -406,7 +406,12 @@ class EngineConfig:
     """How the serving engine runs a model: one dataclass for every knob, with the reasons."""
 
     device: str = "cpu"
-    dtype: str | None = None  # None: float32 on CPU (bf16 matmul is ~50x slower there), bfloat16 on CUDA
+    dtype: str | None = None  # compute dtype. None: float32 on CPU, bfloat16 on CUDA
+    # The talker's projection weights: "auto" lets engine/precision.py pick fp32 or bf16 from the CPU
+    # (bf16 only where it multiplies bf16 natively and measures faster); "fp32", "bf16" or "int8"
+    # (weight-only, per-channel scales; opt-in) force one. An explicit dtype with "auto" means weights
+    # in that dtype (so dtype "float32" is the unchanged fp32 path).
+    weights: str = "auto"
     # torch intra-op threads on CPU. One thread already streams weights at full memory bandwidth
     # here, while two make every small op wait at a barrier for a core that the event loop, the
     # codec or another process holds: measured on the 2-core box, a batch-1 predictor frame took

@@ -137,7 +137,14 @@ class Engine:
     def from_model(cls, model: str | Path, cfg: EngineConfig | None = None) -> Engine:
         cfg = cfg or EngineConfig()
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-        return cls(TTSModel.load(model, device=cfg.device, dtype=dtype), cfg)
+        return cls(TTSModel.load(model, device=cfg.device, dtype=dtype, weights=cfg.weights), cfg)
+
+    @property
+    def precision(self) -> dict:
+        """What the projections compute in and why, plus the compute dtype and threads (/api/v1/info)."""
+        threads = torch.get_num_threads() if self.model.device.type == "cpu" else None
+        return {**self.model.weight_plan.as_dict(), "dtype": str(self.model.dtype).removeprefix("torch."),
+                "cpu_threads": threads}
 
     # ---- asyncio side ------------------------------------------------------------------------
     async def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]:

@@ -18,6 +18,7 @@ from engine.config import ModelConfig
 from engine.generate import GenerationResult, Trace, default_max_frames, generate_codes
 from engine.models.qwen3_tts import Qwen3TTS
 from engine.models.speech_tokenizer import SpeechTokenizer
+from engine.precision import WeightPlan, plan_weights
 from engine.prompt import UnsupportedByModel, build_prompt, offer
 from engine.sampling import SamplingParams
 from engine.text import TextTokenizer
@@ -25,7 +26,9 @@ from engine.voice import VoicePrompt
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 matmuls are ~50x slower than fp32 on AVX2 CPUs: the CPU path computes in fp32.
+    # The compute (activation) dtype. On CPU it stays fp32 whatever the weights are: bf16 and int8
+    # weights are a matter of the projections alone (engine/precision.py), and the norms, attention
+    # and KV cache keep fp32's numbers at a cost that is small next to the weights' bytes.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -41,15 +44,22 @@ class Synthesis:
 
 class TTSModel:
     def __init__(self, path: Path, cfg: ModelConfig, tokenizer: TextTokenizer, tts: Qwen3TTS,
-                 speech_tokenizer: SpeechTokenizer, device: torch.device, dtype: torch.dtype) -> None:
+                 speech_tokenizer: SpeechTokenizer, device: torch.device, dtype: torch.dtype,
+                 weight_plan: WeightPlan) -> None:
         self.path, self.cfg, self.tokenizer = path, cfg, tokenizer
         self.tts, self.speech_tokenizer = tts, speech_tokenizer
         self.device, self.dtype = device, dtype
+        self.weight_plan = weight_plan  # the projections' weight format and why
 
     @classmethod
-    def load(cls, model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TTSModel:
+    def load(cls, model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             weights: str | None = None) -> TTSModel:
+        """``dtype``: the compute dtype (default: fp32 on CPU, bf16 on CUDA). ``weights``: the talker's
+        projection weights, fp32 / bf16 / int8, or None / "auto" to let engine/precision.py choose
+        from the CPU (an explicit ``dtype`` alone then means weights in that dtype)."""
         path = resolve_model(str(model))
         device = torch.device(device)
+        weight_plan = plan_weights(device, dtype, weights)
         dtype = dtype or default_dtype(device)
         if device.type == "cuda":
             # cuDNN runs fp32 convolutions in TF32 unless told not to: the codec and speaker encoder
@@ -59,11 +69,12 @@ class TTSModel:
         cfg = ModelConfig.from_dir(path)
         tokenizer = TextTokenizer.from_dir(path)
         tts = load_strict(build_on_meta(lambda: Qwen3TTS(cfg)), path / "model.safetensors", device, dtype)
-        tts.talker.fuse_weights_()
-        # The codec runs in fp32 everywhere: it is small, and its output is the product.
+        tts.talker.fuse_weights_(weight_plan.weights)
+        # int8 / bf16 weights are the talker's projections only. The codec runs in fp32 everywhere:
+        # it is small, and its output is the product.
         speech_tokenizer = load_strict(build_on_meta(lambda: SpeechTokenizer(cfg.speech_tokenizer)),
                                        path / "speech_tokenizer" / "model.safetensors", device, torch.float32)
-        return cls(path, cfg, tokenizer, tts, speech_tokenizer, device, dtype)
+        return cls(path, cfg, tokenizer, tts, speech_tokenizer, device, dtype, weight_plan)
 
     @property
     def sample_rate(self) -> int:

@@ -173,7 +173,8 @@ async def info(request: web.Request) -> web.Response:
         "languages": list(e.languages) if e else [], "encodings": list(P.ENCODINGS),
         "auth_required": bool(s.auth_tokens), "subprotocol": SUBPROTOCOL, "max_text_chars": s.max_text_chars,
         "max_ref_seconds": s.max_ref_seconds, "default_voice": s.default_voice,
-        **_model_offer(getattr(e, "model_info", None))})
+        **_model_offer(getattr(e, "model_info", None)),
+        "precision": getattr(e, "precision", None)})  # the engine's weight format and why (engine/precision.py)
 
 
 def _model_offer(info: ModelInfo | None) -> dict:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-Base"
 PROGRESS_EVERY_S = 2.0  # synthesize's "N frames so far" lines
+WEIGHT_CHOICES = ["auto", "fp32", "bf16", "int8"]  # engine/precision.py (not imported: --help stays instant)
+WEIGHTS_HELP = ("projection weights: auto (bf16 where this CPU multiplies bf16 natively and it measures faster, "
+                "else fp32), fp32, bf16, or int8 (weight-only, per-channel scales; opt-in) (default: %(default)s)")
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +50,8 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: full memory bandwidth already, no barrier stalls)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA); float32 alone: the fp32 path")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help=WEIGHTS_HELP)
 
 
 def _add_make_random_checkpoint(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +87,8 @@ def _synthesize_requests(args: argparse.Namespace) -> int:
         raise ValueError(f"--out-dir {args.out_dir}: the directory {args.out_dir.parent} does not exist")
     path = checkpoint_dir(args.model, _say)
     _say(f"loading {path} on {args.device}")
-    engine = Engine.from_model(path, EngineConfig(device=args.device, dtype=args.dtype, cpu_threads=args.threads))
+    engine = Engine.from_model(path, EngineConfig(device=args.device, dtype=args.dtype, cpu_threads=args.threads,
+                                                        weights=args.weights))
     try:
         _say(f"generating the requests of {args.requests}")
         report = run_requests(engine, args.requests, args.out_dir, args.stagger_ms)
@@ -116,8 +121,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available (default: %(default)s)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", "1")),
-                   help="torch CPU threads (default %(default)s: one already streams the weights at full memory "
-                        "bandwidth, and more stall at barriers whenever anything else runs)")
+                   help="torch CPU threads (default %(default)s: measured fastest under the server's own load, "
+                        "bench/RESULTS.md)")
+    p.add_argument("--dtype", default=_env("DTYPE"), choices=["float32", "bfloat16"],
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA); float32 alone: the fp32 path")
+    p.add_argument("--weights", default=_env("WEIGHTS", "auto"), choices=WEIGHT_CHOICES, help=WEIGHTS_HELP)
     p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")),
                    help="WebSocket sessions plus HTTP speech requests at once; more get OVERLOADED "
                         "(default: %(default)s)")
@@ -220,7 +228,8 @@ def _synthesize(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     _say(f"loading {path} on {args.device}")
-    model = TTSModel.load(path, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model = TTSModel.load(path, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                          weights=args.weights)
     _say("generating")
     stats = run(model, req, reference, on_frame=_frame_progress())
     _say(f"wrote {stats['frames']} frames ({stats['audio_seconds']:.2f} s of audio, stop: {stats['stop_reason']}) "
@@ -286,8 +295,8 @@ def _serve(args: argparse.Namespace) -> int:
             "listening on %s without --auth-token-file: anyone who can reach this port can synthesize, and "
             "upload or delete voices", args.host)
     app = create_app(None, settings)
-    load_in_background(app, lambda progress: load_engine(args.model, device, progress, args.threads),
-                       exit_on_failure=True)
+    load_in_background(app, lambda progress: load_engine(args.model, device, progress, args.threads,
+                                                         args.weights, args.dtype), exit_on_failure=True)
     run(app, args.host, args.port)
     error = app[STATE].load_error
     if error is not None:  # exit 1, so a supervisor (Kubernetes, systemd, Docker) sees a failed server

@@ -89,7 +89,8 @@ def checkpoint_dir(model: str, progress: Callable[[str], None]) -> str:
     return path
 
 
-def load_engine(model: str, device: str, progress: Callable[[str], None], cpu_threads: int = 1) -> TTSEngine:
+def load_engine(model: str, device: str, progress: Callable[[str], None], cpu_threads: int = 1,
+                weights: str = "auto", dtype: str | None = None) -> TTSEngine:
     """``model``: a checkpoint directory, a hub id, or ``random:PRESET`` (see ``checkpoint_dir``)."""
     try:
         from engine.config import EngineConfig
@@ -107,7 +108,8 @@ def load_engine(model: str, device: str, progress: Callable[[str], None], cpu_th
 
     threading.Thread(target=ticker, daemon=True).start()
     try:
-        engine = Engine.from_model(path, EngineConfig(device=device, cpu_threads=cpu_threads))
+        engine = Engine.from_model(path, EngineConfig(device=device, cpu_threads=cpu_threads, weights=weights,
+                                                      dtype=dtype))
     finally:
         done.set()
     log.info("model loaded in %.1f s", time.monotonic() - t0)

@@ -14,6 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The weight format the engine picks depends on the CPU (engine/precision.py). The suite pins the
+# fp32 path (what an AVX2-only CPU gets) so that every test sees the same numbers on every machine;
+# tests/engine/test_precision.py forces each other path itself.
+os.environ.setdefault("MAKIMA_CPU_ISA", "avx2")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")

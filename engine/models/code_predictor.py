@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from engine.config import CodePredictorConfig
-from engine.models.qwen3 import ContiguousContext, Projection, Qwen3Stack
+from engine.models.cpu_linear import AnyProjection
+from engine.models.qwen3 import ContiguousContext, Qwen3Stack
 
 
 class CodePredictorModel(Qwen3Stack):
@@ -31,7 +32,7 @@ class CodePredictor(nn.Module):
         self.model = CodePredictorModel(cfg, talker_hidden)
         self.lm_head = nn.ModuleList(
             nn.Linear(hidden, cfg.transformer.vocab_size, bias=False) for _ in range(cfg.num_code_groups - 1))
-        self.head_logits: list[Projection] = []  # lm_head as projections, set by Talker.fuse_weights_
+        self.head_logits: list[AnyProjection] = []  # lm_head as projections, set by Talker.fuse_weights_
         self.small_to_mtp_projection = (
             nn.Linear(talker_hidden, hidden, bias=True) if hidden != talker_hidden else nn.Identity())
 

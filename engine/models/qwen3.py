@@ -14,7 +14,8 @@ from ``kernels`` (Triton on CUDA, PyTorch references elsewhere).
 After loading, ``fuse_weights_`` packs q/k/v and gate/up into one matrix each (the original
 parameters become views into it, so the state dict is unchanged): one GEMM instead of three,
 which at batch 1 is one pass over the weights instead of three launches. On CPU the wide
-projection matrices are also stored input-major (see ``pack_linears``).
+projection matrices are also stored input-major (see ``pack_linears``). How each projection
+multiplies (fp32, bf16 or int8 weights) is engine/models/cpu_linear.py's business.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import TransformerConfig
+from engine.models.cpu_linear import AnyProjection, make_projection
 from kernels import fused_add_rms_norm, qk_norm_rope_store_kv, rms_norm, rope_cos_sin_cache, silu_and_mul
 
 
@@ -122,8 +124,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.qkv: Projection | None = None  # set by fuse_weights_
-        self.o: Projection | None = None
+        self.qkv: AnyProjection | None = None  # set by fuse_weights_
+        self.o: AnyProjection | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         many = ctx.num_sequences > 1
@@ -136,8 +138,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up: Projection | None = None  # set by fuse_weights_
-        self.down: Projection | None = None
+        self.gate_up: AnyProjection | None = None  # set by fuse_weights_
+        self.down: AnyProjection | None = None
 
     def forward(self, x: torch.Tensor, many_sequences: bool) -> torch.Tensor:
         return self.down(silu_and_mul(self.gate_up(x, many_sequences)), many_sequences)
@@ -163,42 +165,6 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, ctx, layer)
         h, residual = fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, self.eps)
         return self.mlp(h, ctx.num_sequences > 1), residual
-
-
-MAX_BATCHED_ROWS = 128  # a decode step's rows: up to max_running sessions, x2 in a predictor's first sub-step
-
-
-class Projection:
-    """``F.linear(x, weight)`` for a fixed weight, on the CPU path that suits the batch.
-
-    On CPU (measured on this project's AMD EPYC, AVX-512, one thread, fp32): one sequence's rows go
-    through MKL with the weight in the layout ``pack_linears`` chose — one row is a matrix-vector
-    product bound by memory bandwidth (19-22 GB/s), and this path keeps the official code's summation
-    order closely enough for full-size logits within 1e-5 of it. Rows of several sequences (a batched
-    engine step) go through oneDNN with the weight reordered for small batches: about 2x faster (14-15
-    GB/s at 8 rows, against 6-9 through MKL), with other rounding, which only batched steps see. The
-    reordered copy doubles the weights' memory, on CPU only. Elsewhere (CUDA) it is plain ``F.linear``.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-        self.batched: torch.Tensor | None = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.batched = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8)
-
-    def __call__(self, x: torch.Tensor, many_sequences: bool = False) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not many_sequences or self.batched is None or rows > MAX_BATCHED_ROWS:
-            return F.linear(x, self.weight)  # (and prefill chunks: MKL is as fast once rows are many)
-        # oneDNN builds and caches a kernel for every row count it sees; padding to a power of two
-        # keeps that to a handful (unpadded, a 200-session soak grew the server's RSS by ~30 MB in
-        # cached kernels). The zero rows cost nothing in a step bound by reading the weights.
-        padded = 1 << (rows - 1).bit_length()
-        flat = x.reshape(rows, x.shape[-1])
-        if padded != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.batched, None, "none", [], "")
-        return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
 def pack_linears(linears: list[nn.Linear]) -> torch.Tensor:
@@ -231,13 +197,14 @@ class Qwen3Stack(nn.Module):
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
 
     @torch.no_grad()
-    def fuse_weights_(self) -> None:
+    def fuse_weights_(self, weights: str = "fp32") -> None:
+        """Pack the projections, in weight format ``weights`` (see engine/models/cpu_linear.py)."""
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
-            a.qkv = Projection(pack_linears([a.q_proj, a.k_proj, a.v_proj]))
-            a.o = Projection(a.o_proj.weight)
-            m.gate_up = Projection(pack_linears([m.gate_proj, m.up_proj]))
-            m.down = Projection(m.down_proj.weight)
+            a.qkv = make_projection(pack_linears([a.q_proj, a.k_proj, a.v_proj]), weights)
+            a.o = make_projection(a.o_proj.weight, weights)
+            m.gate_up = make_projection(pack_linears([m.gate_proj, m.up_proj]), weights)
+            m.down = make_projection(m.down_proj.weight, weights)
 
     def contiguous_context(self, batch: int, capacity: int) -> ContiguousContext:
         p = self.norm.weight

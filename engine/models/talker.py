@@ -12,7 +12,8 @@ from torch import nn
 
 from engine.config import ModelConfig, TalkerConfig
 from engine.models.code_predictor import CodePredictor
-from engine.models.qwen3 import Projection, Qwen3Stack
+from engine.models.cpu_linear import AnyProjection, make_projection
+from engine.models.qwen3 import Qwen3Stack
 
 
 class TalkerModel(Qwen3Stack):
@@ -45,7 +46,7 @@ class Talker(nn.Module):
         self.text_projection = TextProjection(cfg.talker.text_hidden_size, t.hidden_size)
         self.codec_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor, talker_hidden=t.hidden_size)
-        self.codec_logits: Projection | None = None  # codec_head as a projection, set by fuse_weights_
+        self.codec_logits: AnyProjection | None = None  # codec_head as a projection, set by fuse_weights_
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """T(ids): text ids → projected talker-width vectors."""
@@ -62,13 +63,14 @@ class Talker(nn.Module):
             out = out + table(codes[..., j + 1])
         return out
 
-    def fuse_weights_(self) -> None:
-        self.model.fuse_weights_()
-        self.code_predictor.model.fuse_weights_()
+    def fuse_weights_(self, weights: str = "fp32") -> None:
+        """Pack every projection of both stacks and the heads in weight format ``weights``."""
+        self.model.fuse_weights_(weights)
+        self.code_predictor.model.fuse_weights_(weights)
         # The heads keep the checkpoint's [out, in] layout (pack_linears would store them input-major):
         # they are 2 % of the bytes a frame reads, and no faster input-major was measured in the model.
-        self.codec_logits = Projection(self.codec_head.weight)
-        self.code_predictor.head_logits = [Projection(h.weight) for h in self.code_predictor.lm_head]
+        self.codec_logits = make_projection(self.codec_head.weight, weights)
+        self.code_predictor.head_logits = [make_projection(h.weight, weights) for h in self.code_predictor.lm_head]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Codebook-0 (+control) logits, always fp32."""
