@@ -50,10 +50,10 @@ def op_calls(a):
         (norm.fused_add_rms_norm_op, (a["x"], a["residual"], a["weight"], 1e-6)),
         (activation.silu_and_mul_op, (a["gate_up"],)),
         (rope.qk_norm_rope_store_kv_op, (*rope_args, *caches, a["slots"])),
-        (decode_attention.paged_decode_attention_op, (a["q"], *caches, *paging, 0.125, 0, 0)),
+        (decode_attention.paged_decode_attention_op, (a["q"], *caches, *paging, 0.125)),
         (
             prefill_attention.paged_prefill_attention_op,
-            (a["q_prefill"], *caches, a["block_tables"], a["cu"], paging[1], 0.125, 8),
+            (a["q_prefill"], *caches, a["block_tables"], a["cu"], paging[1], 0.125),
         ),
     ]
 
