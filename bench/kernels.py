@@ -1,7 +1,7 @@
 """Kernel timings on CUDA against the PyTorch references, as a share of device copy bandwidth.
 
-For every kernel in ``kernels/`` at Qwen3-TTS shapes (talker: hidden 1024, MLP 3072, 16/8 heads x 128;
-codec decoder: 16/16 x 64 with a 72-frame window), batch 1..64 and context 64..2048:
+For every kernel in ``kernels/`` at Qwen3-TTS talker shapes (hidden 1024, MLP 3072, 16/8 heads x 128),
+batch 1..64 and context 64..2048:
 
 - the Triton kernel, replayed from a CUDA graph (as the engine's decode step runs it), so launch
   overhead from Python does not hide the kernel;
@@ -179,25 +179,23 @@ def _paged_kv(batch: int, context: int, hk: int, d: int, dtype: torch.dtype, blo
     return k_cache, torch.randn_like(k_cache), tables, lens
 
 
-def _dense(cache: torch.Tensor, tables: torch.Tensor, first: int, end: int) -> torch.Tensor:
-    """Tokens [first, end) gathered from the paged cache into [B, Hk, end - first, D]: what SDPA needs."""
+def _dense(cache: torch.Tensor, tables: torch.Tensor, end: int) -> torch.Tensor:
+    """Tokens [0, end) gathered from the paged cache into [B, Hk, end, D]: what SDPA needs."""
     gathered = cache[tables.long()].view(tables.shape[0], -1, *cache.shape[2:])
-    return gathered[:, first:end].transpose(1, 2).contiguous()
+    return gathered[:, :end].transpose(1, 2).contiguous()
 
 
-def bench_decode(report: Report, dtype: torch.dtype, name: str, hq: int, hk: int, d: int, window: int,
+def bench_decode(report: Report, dtype: torch.dtype, name: str, hq: int, hk: int, d: int,
                  batch: int, context: int) -> None:  # fmt: skip
     size = torch.finfo(dtype).bits // 8
-    read = min(context, window) if window else context
-    nbytes = batch * (2 * read * hk * d + 2 * hq * d) * size
+    nbytes = batch * (2 * context * hk * d + 2 * hq * d) * size
     sets = _copies(
         lambda: (_randn(batch, hq, d, dtype=dtype), *_paged_kv(batch, context, hk, d, dtype)), nbytes
     )
-    fixed = {"scale": d**-0.5, "sliding_window": window}
+    fixed = {"scale": d**-0.5}
     triton_us = time_graph(partial(dec.paged_decode_attention_triton, **fixed), sets)
     ref_us = time_eager(partial(dec.paged_decode_attention_reference, **fixed), sets[:2])
-    dense = [(q[:, :, None], _dense(kc, t, context - read, context), _dense(vc, t, context - read, context))
-             for q, kc, vc, t, _ in sets]  # fmt: skip
+    dense = [(q[:, :, None], _dense(kc, t, context), _dense(vc, t, context)) for q, kc, vc, t, _ in sets]
     sdpa = partial(torch.nn.functional.scaled_dot_product_attention, scale=d**-0.5, enable_gqa=hq != hk)
     sdpa_us = time_graph(sdpa, dense)
     splits = dec.decode_num_splits(batch, hk, sets[0][3].shape[1] * 16, torch.device(DEVICE))
@@ -223,8 +221,8 @@ def bench_prefill(report: Report, dtype: torch.dtype, batch: int, new: int, cont
     ref_us = time_eager(partial(pre.paged_prefill_attention_reference, scale=d**-0.5), sets[:1], calls=4)
     sdpa_us = None
     if new == context:  # dense SDPA only covers fresh prompts (no cached prefix), with is_causal
-        dense = [(q.view(batch, new, hq, d).transpose(1, 2).contiguous(), _dense(kc, t, 0, context),
-                  _dense(vc, t, 0, context)) for q, kc, vc, t, _, _ in sets]  # fmt: skip
+        dense = [(q.view(batch, new, hq, d).transpose(1, 2).contiguous(), _dense(kc, t, context),
+                  _dense(vc, t, context)) for q, kc, vc, t, _, _ in sets]  # fmt: skip
         sdpa = partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True, scale=d**-0.5,
                        enable_gqa=True)  # fmt: skip
         sdpa_us = time_graph(sdpa, dense, calls=8)
@@ -252,9 +250,7 @@ def main() -> None:
     contexts = [64, 512, 2048] if args.quick else [64, 512, 1024, 2048]
     for batch in batches:
         for context in contexts:
-            bench_decode(report, dtype, "talker", 16, 8, 128, 0, batch, context)
-            if context <= 512:  # the 72-frame window caps what the codec decoder reads
-                bench_decode(report, dtype, "codec", 16, 16, 64, 72, batch, context)
+            bench_decode(report, dtype, "talker", 16, 8, 128, batch, context)
             torch.cuda.empty_cache()
     for batch, new, context in [(1, 512, 512), (1, 2048, 2048), (4, 256, 1024)]:
         bench_prefill(report, dtype, batch, new, context)

@@ -7,9 +7,10 @@ whose k and v are already in the cache), with ``q`` ``[B, Hq, D]``. A sequence w
 
 Math, for the new token at position i = context_len - 1 and query head h over KV head g:
 
-    out[b, h] = sum_j softmax_j(scale * q[b, h] . k[j, g]) v[j, g]   over j <= i (and j > i - W if W > 0).
+    out[b, h] = sum_j softmax_j(scale * q[b, h] . k[j, g]) v[j, g]   over j <= i.
 
-Split-K (flash-decoding): the visible range is cut into ``num_splits`` chunks of whole BLOCK_N tiles.
+Split-K (flash-decoding): the context is cut into ``num_splits`` chunks of whole BLOCK_N tiles, a count
+``decode_num_splits`` picks from the batch and the block table's width.
 Each chunk s yields a normalised partial output o_s and a log-sum-exp L_s (base 2); the merge is
 
     out = sum_s 2^(L_s - L) o_s,   L = log2(sum_s 2^L_s).
@@ -43,14 +44,14 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int, devic
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2e, sliding_window,
+    scale_log2e,
     stride_q_seq, stride_q_head,
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head,
     stride_bt_seq, stride_o_seq, stride_o_head,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, Hk, NUM_SPLITS). The GROUP query heads of one KV head share the program, padded to
     BLOCK_H >= 16 rows so both products are tensor-core dots; each K/V tile is read once per group."""
@@ -58,12 +59,9 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    first = 0
-    if USE_WINDOW:
-        first = tl.maximum(context_len - sliding_window, 0)
     # Whole tiles per split so only a chunk's last tile is partial.
-    per_split = tl.cdiv(tl.cdiv(context_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = first + split * per_split
+    per_split = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
     end = tl.minimum(start + per_split, context_len)
 
     rows = tl.arange(0, BLOCK_H)
@@ -151,18 +149,16 @@ def paged_decode_attention_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
-    num_splits: int = 0,
     *,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Triton launcher; see the module docstring. Returns a new ``[B, Hq, D]`` tensor.
 
-    ``num_splits = 0`` picks the split count from the batch and the block table's width (the longest
-    context it can address), never from ``context_lens``, so choosing it needs no device sync.
-    ``block_n`` keys per tile is a tuning knob.
+    The split count comes from the batch and the block table's width (the longest context it can
+    address), never from ``context_lens``, so choosing it needs no device sync and a captured graph
+    stays valid for any lengths the table holds. ``block_n`` keys per tile is a tuning knob.
     """
-    check_paged_args(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    check_paged_args(q, k_cache, v_cache, block_tables, context_lens)
     check_triton_device(q, k_cache, v_cache, block_tables, context_lens)
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
@@ -172,11 +168,7 @@ def paged_decode_attention_triton(
     out = torch.empty((num_seqs, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    if num_splits <= 0:
-        max_context = block_tables.shape[1] * page_size
-        if sliding_window > 0:
-            max_context = min(max_context, sliding_window)
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_context, q.device)
+    num_splits = decode_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page_size, q.device)
     if num_splits > 1:
         part_out = torch.empty(
             (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -187,13 +179,12 @@ def paged_decode_attention_triton(
     block_d = next_power_of_2(head_dim)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * LOG2E, sliding_window,
+        scale * LOG2E,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        USE_WINDOW=sliding_window > 0, DOT_PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype),
-        num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_q_heads)](
@@ -211,14 +202,10 @@ def paged_decode_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
-    num_splits: int = 0,
 ) -> torch.Tensor:
-    """PyTorch version: the prefill reference with one query per sequence (``num_splits`` is ignored)."""
+    """PyTorch version: the prefill reference with one query per sequence."""
     cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    return paged_prefill_attention_reference(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window
-    )
+    return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
 
 
 @torch.library.custom_op("makima::paged_decode_attention", mutates_args=())
@@ -229,20 +216,16 @@ def paged_decode_attention_op(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
-    num_splits: int = 0,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; ``[B, Hq, D]`` in ``q.dtype``."""
-    return paged_decode_attention_reference(
-        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits
-    )
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 paged_decode_attention_op.register_kernel("cuda")(paged_decode_attention_triton)
 
 
 @paged_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0, num_splits=0):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale):
     return q.new_empty(q.shape)
 
 

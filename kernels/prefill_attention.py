@@ -17,9 +17,8 @@ Math, for the query at position i of a sequence and its KV head g = h // (Hq / H
 
     out[i, h] = sum_j softmax_j(scale * q[i, h] . k[j, g]) v[j, g]   over visible j,
 
-where j is visible iff ``j <= i`` and, with a sliding window W > 0, ``j > i - W`` (the codec decoder's
-72-frame window: ``i - 72 < j <= i``). A query with no visible key gets zeros. Softmax in fp32, output
-in ``q.dtype``.
+where j is visible iff ``j <= i`` (its cached prefix and itself, causally). Softmax in fp32, output in
+``q.dtype``.
 """
 
 from __future__ import annotations
@@ -80,14 +79,14 @@ def _find_sequence(cu_seqlens_q_ptr, program, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr, out_ptr,
-    scale_log2e, sliding_window, num_seqs,
+    scale_log2e, num_seqs,
     stride_q_token, stride_q_head,
     stride_k_block, stride_k_token, stride_k_head,
     stride_v_block, stride_v_token, stride_v_head,
     stride_bt_seq, stride_o_token, stride_o_head,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(T, BLOCK_Q) + B, Hk). A program owns BLOCK_Q tokens x the GROUP query heads of one KV
     head, packed as BLOCK_M rows (row r = token r // GROUP, head r % GROUP), so every KV tile it loads
@@ -116,17 +115,14 @@ def _prefill_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Keys this block can see: up to its last query's position, and back one window from its first.
+    # Keys this block can see: from the first up to its last query's position.
     kv_end = tl.minimum(prefix_len + (q_block + 1) * BLOCK_Q, context_len)
-    kv_start = 0
-    if USE_WINDOW:
-        kv_start = tl.maximum(prefix_len + q_block * BLOCK_Q - sliding_window + 1, 0)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    for tile_start in range(kv_start, kv_end, BLOCK_N):
+    for tile_start in range(0, kv_end, BLOCK_N):
         kv_pos = tile_start + tl.arange(0, BLOCK_N)
         kv_mask = kv_pos < kv_end
         page = tl.load(block_table + kv_pos // PAGE_SIZE, mask=kv_mask, other=0).to(tl.int64)
@@ -140,11 +136,9 @@ def _prefill_kernel(
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         visible = kv_mask[None, :] & (kv_pos[None, :] <= query_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (kv_pos[None, :] > query_pos[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
-        # A row may see nothing yet (window start, padding rows): keep exp2 away from (-inf) - (-inf).
+        # Should a row see no key (context_lens below the new tokens' count): no (-inf) - (-inf) in exp2.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
@@ -164,7 +158,7 @@ def _prefill_kernel(
              mask=row_mask[:, None] & dim_mask[None, :])  # fmt: skip
 
 
-def check_paged_args(q, k_cache, v_cache, block_tables, context_lens, sliding_window) -> None:
+def check_paged_args(q, k_cache, v_cache, block_tables, context_lens) -> None:
     """Shape/stride/dtype asserts shared by the prefill and decode launchers (q is [tokens, Hq, D])."""
     assert q.dim() == 3 and q.dtype in FLOAT_DTYPES and q.stride(-1) == 1, (
         "q must be [tokens, Hq, D], dense in D"
@@ -179,7 +173,6 @@ def check_paged_args(q, k_cache, v_cache, block_tables, context_lens, sliding_wi
     assert num_q_heads % num_kv_heads == 0, f"{num_q_heads} query heads over {num_kv_heads} KV heads"
     assert block_tables.dim() == 2 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert context_lens.shape == (block_tables.shape[0],) and context_lens.dtype == torch.int32
-    assert sliding_window >= 0
 
 
 def paged_prefill_attention_triton(
@@ -190,7 +183,6 @@ def paged_prefill_attention_triton(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
     *,
     block_m: int = 64,
     block_n: int = 32,
@@ -199,7 +191,7 @@ def paged_prefill_attention_triton(
 
     ``block_m`` rows (tokens x group heads) per program and ``block_n`` keys per tile are tuning knobs.
     """
-    check_paged_args(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    check_paged_args(q, k_cache, v_cache, block_tables, context_lens)
     assert cu_seqlens_q.shape == (block_tables.shape[0] + 1,) and cu_seqlens_q.dtype == torch.int32
     check_triton_device(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -214,13 +206,12 @@ def paged_prefill_attention_triton(
     grid = (triton.cdiv(num_tokens, block_q) + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
-        scale * LOG2E, sliding_window, num_seqs,
+        scale * LOG2E, num_seqs,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=k_cache.shape[1], BLOCK_N=block_n,
-        USE_WINDOW=sliding_window > 0, DOT_PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype),
-        num_warps=4, num_stages=2,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype), num_warps=4, num_stages=2,
     )  # fmt: skip
     return out
 
@@ -233,13 +224,12 @@ def paged_prefill_attention_reference(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
 ) -> torch.Tensor:
     """PyTorch version: gather each sequence's KV, pad the batch, one masked SDPA call in fp32.
 
     Reads sequence lengths on the host, so it is meant for CPU tensors (the engine's CPU path and tests).
     """
-    check_paged_args(q, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    check_paged_args(q, k_cache, v_cache, block_tables, context_lens)
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, block_size = block_tables.shape[0], k_cache.shape[1]
     out = torch.zeros((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -276,7 +266,7 @@ def paged_prefill_attention_reference(
     qp = q[tokens].float().transpose(1, 2)
 
     gqa = num_q_heads != k.shape[1]
-    if sliding_window == 0 and bool((q_lens == ctx).all()) and bool((q_lens == max_q).all()):
+    if bool((q_lens == ctx).all()) and bool((q_lens == max_q).all()):
         # Fresh prompts of one length, no prefix: plain causal attention, which SDPA can do without
         # materialising a mask and skipping the masked half (about 2x faster on a CPU).
         o = torch.nn.functional.scaled_dot_product_attention(
@@ -285,8 +275,6 @@ def paged_prefill_attention_reference(
     else:
         query_pos = (ctx - q_lens)[:, None] + q_idx[None, :]
         visible = (kv_pos[None, None, :] <= query_pos[:, :, None]) & in_range[:, None, :]
-        if sliding_window > 0:
-            visible &= kv_pos[None, None, :] > query_pos[:, :, None] - sliding_window
         o = torch.nn.functional.scaled_dot_product_attention(
             qp, k, v, attn_mask=visible[:, None], scale=scale, enable_gqa=gqa
         )
@@ -305,19 +293,16 @@ def paged_prefill_attention_op(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Causal varlen attention of new tokens over their paged KV (prefix + themselves); ``[T, Hq, D]``."""
-    return paged_prefill_attention_reference(
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window
-    )
+    return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
 
 
 paged_prefill_attention_op.register_kernel("cuda")(paged_prefill_attention_triton)
 
 
 @paged_prefill_attention_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, sliding_window=0):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
     return q.new_empty(q.shape)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def naive_paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, window):
+def naive_paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
     num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group, block_size = num_q_heads // num_kv_heads, k_cache.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -14,7 +14,7 @@ def naive_paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, conte
         ctx = int(context_lens[seq])
         for t in range(start, end):
             pos = ctx - (end - start) + (t - start)
-            keys = [j for j in range(ctx) if j <= pos and (window == 0 or j > pos - window)]
+            keys = [j for j in range(ctx) if j <= pos]
             if not keys:
                 continue
             for h in range(num_q_heads):

@@ -60,7 +60,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def _launch_everything(dtype: torch.dtype) -> None:
     """Every launcher once per code path (norm with and without residual, rope with and without q/k norm
-    and cache, decode with 1 and 4 splits with and without window, prefill with and without window),
+    and cache, decode with 1 and 4 splits (a narrow and a wide block table), prefill),
     at the talker geometry (16/8 x 128) and the codec decoder's (16/16 x 64)."""
     from kernels.activation import silu_and_mul_triton
     from kernels.decode_attention import paged_decode_attention_triton
@@ -81,15 +81,15 @@ def _launch_everything(dtype: torch.dtype) -> None:
         qk_norm_rope_store_kv_triton(qkv, torch.arange(5), cos_sin, hq, hk, qw, qw, 1e-6, cache, cache, slots)
         qk_norm_rope_store_kv_triton(qkv, torch.arange(5), cos_sin, hq, hk, qw, qw, 1e-6, None, None, None)
         for num_seqs in (1, 3):  # Triton specialises integer arguments equal to 1
-            tables = torch.zeros(num_seqs, 8, dtype=torch.int32)
             lens = torch.full((num_seqs,), 100, dtype=torch.int32)
             q = torch.zeros(num_seqs, hq, d, dtype=dtype)
             cu = torch.arange(num_seqs + 1, dtype=torch.int32) * 10
             q_prefill = torch.zeros(10 * num_seqs, hq, d, dtype=dtype)
-            for window in (0, 72):
-                for splits in (1, 4):
-                    paged_decode_attention_triton(q, cache, cache, tables, lens, 0.1, window, splits)
-                paged_prefill_attention_triton(q_prefill, cache, cache, tables, cu, lens, 0.1, window)
+            # 8 blocks (128 keys) give 1 split, 64 blocks (1024 keys) 4 at these batches (decode_num_splits).
+            for width in (8, 64):
+                tables = torch.zeros(num_seqs, width, dtype=torch.int32)
+                paged_decode_attention_triton(q, cache, cache, tables, lens, 0.1)
+            paged_prefill_attention_triton(q_prefill, cache, cache, tables[:, :8], cu, lens, 0.1)
 
 
 def main() -> int:

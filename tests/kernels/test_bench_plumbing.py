@@ -31,13 +31,13 @@ def test_bench_runs_end_to_end_on_cpu(monkeypatch: pytest.MonkeyPatch, capsys: p
     report = bk.Report(copy_bw=3e12)
     bk.bench_norm_and_mlp(report, torch.float32, 16)
     bk.bench_rope(report, torch.float32, 16)
-    bk.bench_decode(report, torch.float32, "talker", 16, 8, 128, 0, 2, 64)
-    bk.bench_decode(report, torch.float32, "codec", 16, 16, 64, 72, 2, 100)
+    bk.bench_decode(report, torch.float32, "talker", 16, 8, 128, 2, 64)
+    bk.bench_decode(report, torch.float32, "mha", 16, 16, 64, 2, 100)
     bk.bench_prefill(report, torch.float32, 1, 64, 64)
     bk.bench_prefill(report, torch.float32, 2, 16, 48)
     assert [row["op"] for row in report.rows] == [
         "rms_norm", "fused_add_rms_norm", "silu_and_mul", "qk_norm_rope_store_kv",
-        "decode talker", "decode codec", "prefill talker", "prefill talker",
+        "decode talker", "decode mha", "prefill talker", "prefill talker",
     ]  # fmt: skip
     # 2 sequences x 64 keys x 8 KV heads x 128 x (K and V) + q and out, fp32.
     assert report.rows[4]["bytes"] == 2 * (2 * 64 * 8 * 128 + 2 * 16 * 128) * 4

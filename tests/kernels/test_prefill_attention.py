@@ -17,17 +17,17 @@ def cu_seqlens(q_lens: list[int], device) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
-def check(hq, hk, d, dtype, device, seqs, window, block_m, block_n, seed=0):
+def check(hq, hk, d, dtype, device, seqs, block_m, block_n, seed=0):
     q_lens, context_lens = [s[0] for s in seqs], [s[1] for s in seqs]
     k_cache, v_cache, block_tables, ctx = make_paged_kv(context_lens, hk, d, dtype, device, seed=seed)
     q = randn(sum(q_lens), hq, d, dtype=dtype, device=device, seed=seed + 1)
     cu = cu_seqlens(q_lens, device)
     scale = d**-0.5
     out = paged_prefill_attention_triton(
-        q, k_cache, v_cache, block_tables, cu, ctx, scale, window, block_m=block_m, block_n=block_n
+        q, k_cache, v_cache, block_tables, cu, ctx, scale, block_m=block_m, block_n=block_n
     )
     cpu = [t.cpu() for t in (q, k_cache, v_cache, block_tables, cu, ctx)]
-    ref = paged_prefill_attention_reference(*cpu, scale, window)
+    ref = paged_prefill_attention_reference(*cpu, scale)
     assert not out.isnan().any()
     assert_close(out.cpu(), ref)
 
@@ -41,11 +41,8 @@ def test_reference_matches_naive(seqs):
     )
     q = randn(sum(q_lens), 4, 32, dtype=torch.float32, device="cpu", seed=1)
     cu = cu_seqlens(q_lens, "cpu")
-    for window in (0, 6):
-        ref = paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu, ctx, 0.3, window)
-        torch.testing.assert_close(
-            ref, naive_paged_attention(q, k_cache, v_cache, block_tables, cu, ctx, 0.3, window)
-        )
+    ref = paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu, ctx, 0.3)
+    torch.testing.assert_close(ref, naive_paged_attention(q, k_cache, v_cache, block_tables, cu, ctx, 0.3))
 
 
 def test_decode_is_prefill_with_one_token():
@@ -56,45 +53,37 @@ def test_decode_is_prefill_with_one_token():
     q = randn(3, 4, 64, dtype=torch.float32, device="cpu", seed=1)
     cu = torch.arange(4, dtype=torch.int32)
     torch.testing.assert_close(
-        paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu, ctx, 0.125, 0),
-        paged_decode_attention_reference(q, k_cache, v_cache, block_tables, ctx, 0.125, 0),
+        paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu, ctx, 0.125),
+        paged_decode_attention_reference(q, k_cache, v_cache, block_tables, ctx, 0.125),
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 128), (4, 2, 64)])
-@pytest.mark.parametrize("window", [0, 7])
-def test_prefill(hq, hk, d, dtype, window, device, poison_empty):
+def test_prefill(hq, hk, d, dtype, device, poison_empty):
     # block_m = 16 packs 8 tokens x 2 heads per program, so sequences span several query blocks.
-    check(hq, hk, d, dtype, device, RAGGED, window, block_m=16, block_n=16)
+    check(hq, hk, d, dtype, device, RAGGED, block_m=16, block_n=16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_default_tiles_mha(dtype, device, poison_empty):
     # Production tile sizes and MHA (group 1): a long fresh prompt and a chunk extending a prefix.
-    check(2, 2, 64, dtype, device, [(70, 70), (33, 90)], 0, block_m=64, block_n=32, seed=5)
+    check(2, 2, 64, dtype, device, [(70, 70), (33, 90)], block_m=64, block_n=32, seed=5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic is wrong in the interpreter")
 def test_bf16_on_gpu(device):
-    check(16, 8, 128, torch.bfloat16, device, [(100, 100), (1, 300), (64, 513)], 0, block_m=64, block_n=32)
+    check(16, 8, 128, torch.bfloat16, device, [(100, 100), (1, 300), (64, 513)], block_m=64, block_n=32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_talker_geometry(dtype, device, poison_empty):
     # Qwen3 talker 16/8 x 128: a fresh voice prompt, a continuation chunk over a cached prefix, one token.
-    check(16, 8, 128, dtype, device, [(150, 150), (40, 200), (1, 17)], 0, block_m=64, block_n=32)
+    check(16, 8, 128, dtype, device, [(150, 150), (40, 200), (1, 17)], block_m=64, block_n=32)
 
 
 @pytest.mark.slow
 def test_talker_long_prompt(device, poison_empty):
     # A 512-token voice prompt in one chunk at the production tile sizes.
-    check(16, 8, 128, torch.float16, device, [(512, 512)], 0, block_m=64, block_n=32, seed=3)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_codec_decoder_geometry(dtype, device, poison_empty):
-    # Codec decoder 16/16 x 64 with its 72-frame window: the window start cuts through the prompt.
-    check(16, 16, 64, dtype, device, [(200, 200), (30, 150)], 72, block_m=64, block_n=32)
+    check(16, 8, 128, torch.float16, device, [(512, 512)], block_m=64, block_n=32, seed=3)
