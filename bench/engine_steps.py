@@ -75,7 +75,7 @@ def measure(model: str, sessions: list[int], frames: int, device: str = "cpu", t
     finally:
         engine.shutdown()
     report = {"model": str(model), "device": device, "threads": torch.get_num_threads(),
-              "cuda_graphs": engine.runner.graphs is not None, "startup_s": startup_s,
+              "cuda_graphs": engine.runner.decode.captured, "startup_s": startup_s,
               "frames_per_request": frames,
               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "runs": rows}
     if torch.cuda.is_available() and device == "cuda":

@@ -250,14 +250,16 @@ def test_a_request_the_pool_cannot_hold_fails_alone_and_the_engine_goes_on(tiny_
 
 def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch):
     eng = Engine(tiny_model, EngineConfig(num_kv_blocks=256, chunk_frames=(2,)))
-    real = eng.runner._sample_frames
+    real = eng.runner.decode.draw_predictor
 
-    def poisoned(states, hidden):
-        if any("POISON" in st.request.text for st in states) and len(states[0].frames) >= 2:
+    def poisoned(logits, b, j):
+        # Midway through a frame (the talker and 7 predictor draws done): the retry must start it afresh.
+        rows = [st for st in eng.runner.rows[:b] if st is not None]
+        if j == 7 and any("POISON" in st.request.text and len(st.frames) >= 2 for st in rows):
             raise RuntimeError("injected failure")
-        return real(states, hidden)
+        return real(logits, b, j)
 
-    monkeypatch.setattr(eng.runner, "_sample_frames", poisoned)
+    monkeypatch.setattr(eng.runner.decode, "draw_predictor", poisoned)
     try:
         reqs = [Request(text=TEXTS[i], voice=voices["xvec_a" if i % 2 else "icl_b"], max_frames=8,
                         sampling=tiny_model.sampling(seed=i), request_id=f"h{i}") for i in range(3)]
