@@ -32,9 +32,10 @@ from engine.step_buffers import StepBuffers
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
-# (logits [b, V] fp32, b) -> codebook-0 ids [b]; (logits, b, sub-step j) -> codebook j+1 ids [b]
-TalkerDraw = Callable[[torch.Tensor, int], torch.Tensor]
-PredictorDraw = Callable[[torch.Tensor, int, int], torch.Tensor]
+# (logits [b, V] fp32, b, invalid [b] bool) -> codebook-0 ids [b]; (logits, b, sub-step j, invalid) ->
+# codebook j+1 ids [b]. Rows whose probabilities are not finite are or-ed into ``invalid``.
+TalkerDraw = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+PredictorDraw = Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]
 
 
 class StaticCall:
@@ -95,8 +96,9 @@ class StaticDecode:
         self._call(self._talker, b, self._talker_fn, True)()
 
     def frame(self, b: int) -> torch.Tensor:
-        """Rows ``0..b-1``: a frame from each sampling slot's hidden state; its next talker input → ``buf.x``.
-        Returns the codes ``[b, 16]`` (rows of slots that did not sample are meaningless)."""
+        """Rows ``0..b-1``: a frame from each sampling slot's hidden state; its next talker input →
+        ``buf.x_next``. Returns ``[b, 17]``: the 16 codes and a non-finite-probabilities flag (rows of slots
+        that did not sample are meaningless)."""
         return self._call(self._frame, b, self._frame_fn, self._capture_frame)()
 
     def _talker_fn(self, b: int) -> Callable[[], torch.Tensor]:
@@ -121,20 +123,21 @@ class StaticDecode:
 
         def fn() -> torch.Tensor:
             hidden = buf.hidden[:b]
-            c0 = self.draw_talker(talker.logits(hidden), b)
+            invalid = torch.zeros(b, dtype=torch.bool, device=hidden.device)
+            c0 = self.draw_talker(talker.logits(hidden), b, invalid)
             x = torch.stack([hidden, talker.embed_codec(c0)], dim=1)  # [b, 2, talker_hidden]
             ctx.length = 0  # a frame-fresh predictor cache; the sub-steps' lengths are fixed by their order
             codes = [c0]
             for j in range(predictor.num_residual_codebooks):
-                code = self.draw_predictor(predictor.step(x, ctx, head=j), b, j)
+                code = self.draw_predictor(predictor.step(x, ctx, head=j), b, j, invalid)
                 codes.append(code)
                 if j + 1 < predictor.num_residual_codebooks:
                     x = predictor.model.codec_embedding[j](code)[:, None]
             frame = torch.stack(codes, dim=1)  # [b, 16]
             # The next talker input: the frame's embedding plus the request's text row for that frame.
-            nxt = talker.embed_frames(frame) + buf.trailing[:b]
-            buf.x[:b].copy_(torch.where(buf.sampling.dev[:b, None], nxt, buf.x[:b]))
-            buf.codes[:b].copy_(frame)
+            buf.x_next[:b].copy_(talker.embed_frames(frame) + buf.trailing[:b])
+            buf.codes[:b, :-1].copy_(frame)
+            buf.codes[:b, -1].copy_(invalid)
             return buf.codes[:b]
 
         return fn

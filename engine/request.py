@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -41,7 +42,9 @@ class RequestState:
     num_computed: int = 0  # rows of pending_rows already in the KV cache
     frames: list[list[int]] = field(default_factory=list)
     frame_rows: list[torch.Tensor] = field(default_factory=list)  # talker input row of each generated frame
-    generator: torch.Generator | None = None
+    # The key of every draw (engine/device_sampling.py): the request's seed, or one drawn at admission, so
+    # a request readmitted after a preemption continues the same stream.
+    seed: int = 0
     first_chunk_at: float | None = None
     preemptions: int = 0
     # The request's row in the step's persistent buffers while it runs (PREFILL or DECODE), given by the
@@ -50,9 +53,7 @@ class RequestState:
 
     def __post_init__(self) -> None:
         self.pending_rows = self.prompt.prefill
-        p = self.sampling
-        if p.seed is not None and (p.do_sample or p.subtalker_do_sample):
-            self.generator = torch.Generator(device=self.prompt.prefill.device).manual_seed(p.seed)
+        self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64)
 
     @property
     def priority(self) -> Priority:

@@ -10,8 +10,11 @@ A step has two parts:
   slot's one new row, then a frame for every slot that samples one (decodes and finished prefills).
 A prefill never turns the decode rows eager: it only runs beside them.
 
-Batch invariance: every request samples from its own generator in a fixed order (talker draw, then
-15 predictor draws), so its codes do not depend on who else is in the batch.
+Sampling runs inside the decode part, on the device (engine/device_sampling.py): per-slot parameters
+and repetition masks, and noise keyed by (request seed, frame, codebook), so a request's draws do not
+depend on its batch neighbours, and the step's only device→host copy is the codes at its end. The
+draws do not equal the official code's token for token (greedy ones do); engine/generate.py keeps
+the official draw order as the single-request reference.
 """
 
 from __future__ import annotations
@@ -23,14 +26,12 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import StaticDecode
+from engine.device_sampling import RowSampling, TalkerVocab, reset_seen_row, sample_predictor, sample_talker
 from engine.models.talker import Talker
 from engine.paged_context import PagedContext, PagedKVCache
 from engine.request import RequestState
-from engine.sampling import SamplingParams, TalkerLogitsProcessor, draw_rows, predictor_rule, talker_rule
 from engine.scheduler import Plan, ScheduledRequest, StepOutput
 from engine.step_buffers import StepBuffers
-
-_IDLE = SamplingParams(do_sample=False, subtalker_do_sample=False, repetition_penalty=1.0)  # padding rows
 
 
 class Runner:
@@ -40,15 +41,16 @@ class Runner:
         same functions run at the exact row count, uncaptured (the eager baseline)."""
         self.talker, self.kv, self.blocks = talker, kv, blocks
         tcfg = talker.cfg
-        self.process = TalkerLogitsProcessor(tcfg.transformer.vocab_size, tcfg.codec.eos)
         self.eos = tcfg.codec.eos
         self.device = talker.codec_head.weight.device
         width = -(-max_sequence_len // kv.block_size)
-        self.buf = StepBuffers(max_running, tcfg.transformer.hidden_size, tcfg.num_code_groups, width,
+        vocab = tcfg.transformer.vocab_size
+        self.buf = StepBuffers(max_running, tcfg.transformer.hidden_size, tcfg.num_code_groups, vocab, width,
                                max_batched_tokens, talker.model.norm.weight.dtype, self.device)
-        self.rows: list[RequestState | None] = [None] * max_running  # who samples in each slot this step
+        self.sampling = RowSampling.allocate(max_running, self.device)
+        self.vocab = TalkerVocab.build(vocab, self.eos, self.device)
         self.decode = StaticDecode(talker, kv, self.buf, self._draw_talker, self._draw_predictor,
-                                   bucketed=static_graphs, capture_frame=False)
+                                   bucketed=static_graphs, capture_frame=True)
         self.path = "static" if static_graphs else "eager"
         # Cumulative seconds per phase (what `bench engine` reports as the step split). On CUDA only the
         # codes copy waits for the device, so there the frame phase carries the time of the whole step.
@@ -62,7 +64,9 @@ class Runner:
         buf.begin()
         for it in plan.decodes + plan.prefills:
             st = it.state
-            buf.claim(st.slot, st, st.preemptions)
+            if buf.claim(st.slot, st, st.preemptions):  # a new occupant: its sampling rows and mask
+                self.sampling.set_row(st.slot, st.sampling, seed=st.seed)
+                reset_seen_row(buf.seen, st.slot, st.history)
             buf.write_table(st.slot, self.blocks.table(st.request_id).blocks)
         t0 = time.perf_counter()
         done = [it for it in plan.prefills if it.start + it.num_rows >= it.state.num_rows]
@@ -81,26 +85,25 @@ class Runner:
             self.decode.talker_decode(b)
         t2 = time.perf_counter()
         self.timings["talker_s"] += t2 - t1
-        # A failed step leaves its requests as they were (K/V rewrites are idempotent, and the slot
-        # buffers change only at the end of the frame), so the engine can retry them one by one to find
-        # the culprit: the samplers are restored.
-        snapshots = [(st, st.generator.get_state()) for st in sampled if st.generator is not None]
-        try:
-            codes = self.decode.frame(b).cpu().numpy()  # the step's one device→host copy
-        except BaseException:
-            for st, rng in snapshots:
-                st.generator.set_state(rng)
-            raise
+        codes = self.decode.frame(b).cpu().numpy()  # the step's one device→host copy
+        self.counters["host_syncs"] += 1
         t3 = time.perf_counter()
         self.timings["predictor_s"] += t3 - t2
+        bad = [st.request_id for st in sampled if codes[st.slot, -1]]
+        if bad:  # the engine retries the step's requests one by one: only these fail
+            raise ValueError(f"non-finite sampling probabilities for {', '.join(bad)} (the model produced NaN or "
+                             "inf logits)")
+        # Only now, with the step known good, the next inputs replace the current ones: a failed step
+        # changes nothing (K/V rewrites are idempotent), so its requests can be retried one by one.
         index = buf.index.dev[:len(sampled)]  # the sampled slots, uploaded by _write_decode_inputs
-        output = StepOutput(sampled=sampled, next_rows=buf.x.index_select(0, index))
+        next_rows = buf.x_next.index_select(0, index)
+        buf.x.index_copy_(0, index, next_rows)
+        output = StepOutput(sampled=sampled, next_rows=next_rows)
         for st in sampled:
-            row = codes[st.slot]
+            row = codes[st.slot, :-1]
             output.frames.append(None if row[0] == self.eos else row.tolist())
         self.counters[f"decode_rows{{path={self.path}}}"] += len(plan.decodes)
         self.counters["prefill_rows"] += sum(it.num_rows for it in plan.prefills)
-        self.counters["host_syncs"] += 1
         self.timings["sample_s"] += time.perf_counter() - t3
         return output
 
@@ -140,7 +143,6 @@ class Runner:
         buf.context_lens.np[:b] = 1
         buf.decoding.np[:b] = False
         buf.sampling.np[:b] = False
-        self.rows[:] = [None] * len(self.rows)
         for it in decodes:
             slot = it.state.slot
             buf.positions.np[slot] = it.start
@@ -150,24 +152,22 @@ class Runner:
         for i, st in enumerate(sampled):
             buf.sampling.np[st.slot] = True
             buf.index.np[i] = st.slot
-            self.rows[st.slot] = st
+            buf.num_frames.np[st.slot] = len(st.frames)
+            buf.prev_c0.np[st.slot] = st.frames[-1][0] if st.frames else -1
         buf.upload_decode(b)
         index = buf.index.upload(len(sampled))
         # Each sampled slot's text row for the frame it samples now (it joins that frame's embedding).
         buf.trailing.index_copy_(0, index, torch.stack([st.trailing_row(len(st.frames)) for st in sampled]))
 
-    # ---- draws (host-side per-request generators; engine/device_sampling.py replaces them) -----------
-    def _params(self, b: int) -> list[SamplingParams]:
-        return [_IDLE if st is None else st.sampling for st in self.rows[:b]]
+    # ---- draws (inside the frame function: device ops on the slot buffers, no host synchronisation) ----
+    def _draw_talker(self, logits: torch.Tensor, b: int, invalid: torch.Tensor) -> torch.Tensor:
+        buf = self.buf
+        seen, prev = buf.seen[:b], buf.prev_c0.dev[:b]
+        # The previous frame's codebook-0 id joins the repetition mask now, not when it was drawn: a retried
+        # step marks the same id again, so the mask never holds a draw that was not kept.
+        at = prev.clamp(min=0)[:, None]
+        seen.scatter_(1, at, seen.gather(1, at) | ((prev >= 0) & buf.sampling.dev[:b])[:, None])
+        return sample_talker(logits, self.sampling[:b], seen, buf.num_frames.dev[:b], self.vocab, invalid)
 
-    def _draw_talker(self, logits: torch.Tensor, b: int) -> torch.Tensor:
-        rows = self.rows[:b]
-        params = self._params(b)
-        logits = self.process(logits, [[] if st is None else st.history for st in rows], params)
-        return draw_rows(logits, [talker_rule(p) for p in params], [None if st is None else st.generator
-                                                                     for st in rows])
-
-    def _draw_predictor(self, logits: torch.Tensor, b: int, j: int) -> torch.Tensor:
-        rows = self.rows[:b]
-        return draw_rows(logits, [predictor_rule(p) for p in self._params(b)],
-                         [None if st is None else st.generator for st in rows])
+    def _draw_predictor(self, logits: torch.Tensor, b: int, j: int, invalid: torch.Tensor) -> torch.Tensor:
+        return sample_predictor(logits, self.sampling[:b], self.buf.num_frames.dev[:b], j + 1, invalid)

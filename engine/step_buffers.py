@@ -34,8 +34,8 @@ class Mirrored:
 
 
 class StepBuffers:
-    def __init__(self, rows: int, hidden: int, num_codebooks: int, table_width: int, max_prefill_tokens: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, rows: int, hidden: int, num_codebooks: int, vocab_size: int, table_width: int,
+                 max_prefill_tokens: int, dtype: torch.dtype, device: torch.device) -> None:
         self.rows, self.table_width, self.device = rows, table_width, device
 
         # Per decode row (= slot): position and KV slot of its new row, its context length, and whether it
@@ -47,14 +47,23 @@ class StepBuffers:
         self.decoding = Mirrored((rows,), torch.bool, device)
         self.sampling = Mirrored((rows,), torch.bool, device)
         self.block_tables = Mirrored((rows, table_width), torch.int32, device)
+        # Per sampling row: the index of the frame it samples now (the key of its draws, and the
+        # min-new-tokens rule), and the codebook-0 id of its previous frame (-1: none) that joins its
+        # repetition mask. Written by the host, so a retried step computes the same frame again.
+        self.num_frames = Mirrored((rows,), torch.long, device)
+        self.prev_c0 = Mirrored((rows,), torch.long, device, -1)
         self._table_len = [0] * rows  # block-table entries of each slot already written
         self._owner: list[tuple[object, int] | None] = [None] * rows
-        # Written on the device by the step: the talker input after each slot's last frame, the talker's
-        # hidden state its frame is sampled from, the text row that joins its next input, its codes.
+        # Written on the device by the step: the talker input after each slot's last frame (``x``; the
+        # frame writes ``x_next``, which the runner commits once the step has succeeded), the talker's
+        # hidden state its frame is sampled from, the text row that joins its next input, the codebook-0
+        # ids its frames produced (the repetition mask), its codes plus an "invalid" flag column.
         self.x = torch.zeros(rows, hidden, dtype=dtype, device=device)
+        self.x_next = torch.zeros(rows, hidden, dtype=dtype, device=device)
         self.hidden = torch.zeros(rows, hidden, dtype=dtype, device=device)
         self.trailing = torch.zeros(rows, hidden, dtype=dtype, device=device)
-        self.codes = torch.zeros(rows, num_codebooks, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self.codes = torch.zeros(rows, num_codebooks + 1, dtype=torch.long, device=device)
         # One host buffer per use within a step: on CUDA a copy may still be reading it when the host
         # writes the next one. The prefill part: one entry per prompt row of the step's chunks (at most
         # the token budget).
@@ -104,5 +113,6 @@ class StepBuffers:
 
     def upload_decode(self, b: int) -> None:
         """Copy rows ``0..b-1`` of the per-row inputs the host wrote to the device."""
-        for buf in (self.positions, self.slot_mapping, self.context_lens, self.decoding, self.sampling):
+        for buf in (self.positions, self.slot_mapping, self.context_lens, self.decoding, self.sampling,
+                    self.num_frames, self.prev_c0):
             buf.upload(b)

@@ -248,16 +248,23 @@ def test_a_request_the_pool_cannot_hold_fails_alone_and_the_engine_goes_on(tiny_
         eng.shutdown()
 
 
-def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch):
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch, fault):
+    """``raise``: an exception midway through a frame. ``nan``: NaN logits for one row, which the device
+    sampler flags and the host fails once the whole frame (every row's next input) has been computed."""
     eng = Engine(tiny_model, EngineConfig(num_kv_blocks=256, chunk_frames=(2,)))
     real = eng.runner.decode.draw_predictor
 
-    def poisoned(logits, b, j):
+    def poisoned(logits, b, j, invalid):
         # Midway through a frame (the talker and 7 predictor draws done): the retry must start it afresh.
-        rows = [st for st in eng.runner.rows[:b] if st is not None]
-        if j == 7 and any("POISON" in st.request.text and len(st.frames) >= 2 for st in rows):
-            raise RuntimeError("injected failure")
-        return real(logits, b, j)
+        poison = eng._states.get("poison")
+        if j == 7 and poison is not None and poison.slot is not None and poison.slot < b \
+                and eng.runner.buf.sampling.np[poison.slot] and len(poison.frames) >= 2:
+            if fault == "raise":
+                raise RuntimeError("injected failure")
+            logits = logits.clone()
+            logits[poison.slot] = float("nan")
+        return real(logits, b, j, invalid)
 
     monkeypatch.setattr(eng.runner.decode, "draw_predictor", poisoned)
     try:
@@ -265,10 +272,12 @@ def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypa
                         sampling=tiny_model.sampling(seed=i), request_id=f"h{i}") for i in range(3)]
         reqs.append(Request(text="POISON pill.", voice=voices["xvec_b"], max_frames=8, request_id="poison",
                             sampling=greedy(tiny_model)))
+        alone = [run_all(eng, [Request(**{**r.__dict__, "request_id": r.request_id + "-alone"})])[0][1]
+                 for r in reqs[:3]]
         results = run_all(eng, reqs)
-        for req, (_, fin) in zip(reqs[:3], results[:3], strict=True):
-            alone = tiny_model.synthesize(req.text, req.voice, req.language, req.sampling, req.max_frames)
-            assert np.array_equal(fin.codes, alone.codes.numpy()), req.request_id  # samplers were restored
+        for req, (_, fin), want in zip(reqs[:3], results[:3], alone, strict=True):
+            # Seeded draws, retried one by one after the failed step: the same codes as the request alone.
+            assert np.array_equal(fin.codes, want.codes), req.request_id
         poison = results[3][1]
         assert poison.stop_reason == StopReason.ERROR and poison.error_code == "SYNTHESIS_ERROR"
         assert eng.blocks.num_used == 0 and eng._thread.is_alive()
