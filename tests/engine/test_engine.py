@@ -88,6 +88,18 @@ def test_batched_greedy_codes_equal_each_request_alone(tiny_model, voices, engin
     assert engine.blocks.num_used == 0
 
 
+def test_batched_seeded_codes_equal_each_request_alone_with_staggered_arrivals(tiny_model, voices, engine):
+    requests = mixed_requests(voices, 6)
+    for i, r in enumerate(requests):
+        r.sampling = tiny_model.sampling(seed=40 + i)
+    alone = [run_all(engine, [Request(**{**r.__dict__, "request_id": r.request_id + "-alone"})])[0][1]
+             for r in requests]
+    together = run_all(engine, requests, stagger=0.01)
+    assert engine.stats().counters["decode_rows{path=eager}"] == 0
+    for req, want, (_, got) in zip(requests, alone, together, strict=True):
+        assert got.frames > 0 and np.array_equal(got.codes, want.codes), req.request_id
+
+
 def test_neighbours_do_not_change_output(tiny_model, voices, engine):
     probe = Request(text=TEXTS[1], voice=voices["icl_b"], language="english", max_frames=12,
                     sampling=tiny_model.sampling(seed=5), request_id="probe")
