@@ -9,7 +9,9 @@ reads a value back to the host, no shape depends on data, and no ``torch.Generat
 - The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` (what ``torch.multinomial`` does), but ``E``
   comes from counter-based noise: a 64-bit hash of (row seed, frame, codebook, vocab column). A
   row's draw is therefore a function of its logits and its key only — batch invariant by
-  construction, reproducible run to run, and identical on CPU and CUDA (integer ops are exact).
+  construction and reproducible run to run. The noise bits are the same on CPU and CUDA (integer
+  ops); the probabilities they race are float ops, so a CPU and a CUDA draw can differ where the
+  two round a probability differently.
   The draws do *not* equal the official code's token for token (it uses the global generator);
   greedy rows do (argmax of the same processed logits).
 
@@ -59,14 +61,19 @@ def row_keys(seed: torch.Tensor, frame: torch.Tensor, codebook: int) -> torch.Te
     return _mix64(_mix64(seed) ^ ((frame << _CODEBOOK_BITS) | codebook))
 
 
-def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """float32 [B, V] of Exp(1) draws, column v of row b a function of (keys[b], v) only.
-
-    53 hash bits make u uniform on (0, 1) (never 0 or 1, so E is finite and > 0); E = −log u is
-    taken in float64 and rounded to float32, the precision of the race it feeds."""
+def noise_bits(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int64 [B, V] in [0, 2**53): column v of row b is splitmix64's (v+1)-th output from state
+    keys[b], so it depends on (keys[b], v) only. Integer ops: the same bits on every device."""
     columns = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device) * _GAMMA
-    bits = _shift_right(_mix64(keys[:, None] + columns[None, :]), 11)
-    u = (bits.to(torch.float64) + 0.5) * 2.0**-53
+    return _shift_right(_mix64(keys[:, None] + columns[None, :]), 11)
+
+
+def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 [B, V] of Exp(1) draws from ``noise_bits``.
+
+    53 bits make u uniform on (0, 1) (never 0 or 1, so E is finite and > 0); E = −log u is taken in
+    float64 and rounded to float32, the precision of the race it feeds."""
+    u = (noise_bits(keys, vocab_size).to(torch.float64) + 0.5) * 2.0**-53
     return (-torch.log(u)).to(torch.float32)
 
 
@@ -172,22 +179,22 @@ def process_talker_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.T
 
 def warp_rows(logits: torch.Tensor, rule: DrawRule) -> torch.Tensor:
     """Temperature → top-k (ties with the k-th kept) → top-p per row, each row its own values, with
-    one sort. Equals ``engine.sampling.warp`` row by row (top-p may differ only where tied logits
-    straddle the cut: which of the tied ids goes is up to the sort)."""
+    one sort. Equals ``engine.sampling.warp`` row by row, except where tied logits straddle the
+    top-p cut: HF drops some of the tied ids (which ones is up to its sort), this keeps them all."""
     vocab = logits.shape[-1]
     logits = logits / rule.temperature[:, None]
-    ranked, order = torch.sort(logits, dim=-1, descending=True)
+    ascending = torch.sort(logits, dim=-1).values
     k_on = (rule.top_k > 0) & (rule.top_k < vocab)
-    kth = ranked.gather(1, (rule.top_k - 1).clamp(0, vocab - 1)[:, None])
+    kth = ascending.gather(1, (vocab - rule.top_k).clamp(0, vocab - 1)[:, None])  # the k-th largest
     kth = kth.masked_fill(~k_on[:, None], float("-inf"))
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    # Top-p as HF writes it: ascending order, drop the ids whose cumulative mass is ≤ 1 − top_p,
-    # always keep the most likely. The ascending sort is the descending one flipped (same values).
-    ascending = ranked.masked_fill(ranked < kth, float("-inf")).flip(-1)
+    ascending = ascending.masked_fill(ascending < kth, float("-inf"))  # still sorted: top-k cut its head
+    # Top-p as HF writes it: in ascending order, drop the ids whose cumulative mass is ≤ 1 − top_p,
+    # always keeping the most likely. The cumulative mass only grows, so the dropped ids are the
+    # first n: everything below the (n+1)-th value goes (a threshold, not a scatter back by index).
     cum = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = (cum <= rule.top_p_cut[:, None]) & (rule.top_p_cut > 0)[:, None]
-    drop[:, -1] = False
-    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop.flip(-1)), float("-inf"))
+    dropped = ((cum <= rule.top_p_cut[:, None]) & (rule.top_p_cut > 0)[:, None]).sum(dim=-1, keepdim=True)
+    floor = ascending.gather(1, dropped.clamp(max=vocab - 1))
+    return logits.masked_fill((logits < kth) | (logits < floor), float("-inf"))
 
 
 def draw(logits: torch.Tensor, rule: DrawRule, keys: torch.Tensor, invalid: torch.Tensor | None = None

@@ -84,6 +84,14 @@ def test_a_tiny_top_p_keeps_the_most_likely_id_even_when_1_minus_top_p_rounds_to
     assert torch.equal(kept, torch.isfinite(warp(logits, 1.0, 0, 1e-9)))
 
 
+def test_top_p_keeps_every_id_tied_at_the_cut():
+    # probs [0.4, 0.2, 0.2, 0.2]: top_p 0.5 cuts inside the tie; HF drops one or two of the tied ids
+    # by sort position, this keeps all three (as warp_rows documents).
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0, 0.0]])
+    rows = rows_for([SamplingParams(top_k=0, top_p=0.5)])
+    assert torch.isfinite(warp_rows(logits, rows.talker)).tolist() == [[True, True, True, True]]
+
+
 def test_greedy_rows_take_the_argmax_that_engine_sampling_takes():
     logits, rows, seen, num_frames, vocab = talker_inputs()
     codes = sample_talker(logits, rows, seen, num_frames, vocab)
@@ -113,6 +121,23 @@ def test_eos_is_forbidden_before_min_new_tokens_and_control_ids_always():
 
 
 # ---- keyed noise: reproducible, batch invariant ----------------------------------------------------
+
+def test_the_hash_is_splitmix64_bit_for_bit():
+    """Known answers of the reference splitmix64 (state 0, then 1234567): proves the int64 torch ops
+    wrap and that the shifts are logical, as the C code's uint64 ones are."""
+    want = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert ds.noise_bits(torch.tensor([0]), 3)[0].tolist() == [w >> 11 for w in want]
+    want = [0x599ED017FB08FC85, 0x2C73F08458540FA5]
+    assert ds.noise_bits(torch.tensor([1234567]), 2)[0].tolist() == [w >> 11 for w in want]
+
+
+def test_noise_is_exponential_in_the_mean_and_the_tail():
+    e = ds.exponential_noise(torch.arange(64), 4096).double()  # 262144 draws
+    n = e.numel()
+    assert abs(e.mean().item() - 1) < 5 / math.sqrt(n)  # Exp(1): mean 1, sd 1; 5 sigma
+    tail = (e > 3).double().mean().item()  # P(E > 3) = e^-3, binomial sd
+    assert abs(tail - math.exp(-3)) < 5 * math.sqrt(math.exp(-3) * (1 - math.exp(-3)) / n)
+
 
 def test_draws_are_reproducible_and_depend_on_the_key():
     logits, rows, seen, num_frames, vocab = talker_inputs()
@@ -353,3 +378,53 @@ def test_sampling_runs_on_the_meta_device_where_no_value_exists():
 def test_the_sync_detector_catches_a_host_read():
     with pytest.raises(AssertionError, match="host sync"), FailOnHostSync():
         bool(torch.ones(2).sum() > 0)
+
+
+# ---- CUDA (skipped without a GPU): the graph replays what eager computes -------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_a_captured_frame_replays_what_eager_computes_with_new_inputs():
+    dev = "cuda"
+    rows = RowSampling.allocate(8, dev)
+    for i, p in enumerate(MIXED):
+        rows.set_row(i, p)
+    vocab = TalkerVocab.build(VOCAB, EOS, dev)
+    static = dict(t_logits=torch.zeros(8, VOCAB, device=dev), p_logits=torch.zeros(8, 64, device=dev),
+                  seen=torch.zeros(8, VOCAB, dtype=torch.bool, device=dev),
+                  frames=torch.zeros(8, dtype=torch.long, device=dev))
+
+    def frame(t_logits, p_logits, seen, frames):
+        c0 = sample_talker(t_logits, rows, seen, frames, vocab)
+        mark_seen(seen, c0)
+        return torch.stack([c0, sample_predictor(p_logits, rows, frames, 1)])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        frame(**{k: v.clone() for k, v in static.items()})  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = frame(**static)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):  # new values in the same buffers: the replay must follow them
+        inputs = dict(t_logits=torch.randn(8, VOCAB, generator=gen) * 3, p_logits=torch.randn(8, 64, generator=gen),
+                      seen=torch.rand(8, VOCAB, generator=gen) < 0.05, frames=torch.full((8,), step * 5))
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        graph.replay()
+        want = frame(**{k: v.to(dev) for k, v in inputs.items()})
+        assert torch.equal(out, want), step
+
+
+@needs_cuda
+def test_the_noise_is_the_same_on_cuda_as_on_cpu():
+    keys = ds.row_keys(torch.arange(16) * 7919, torch.arange(16), 3)
+    assert torch.equal(ds.noise_bits(keys.cuda(), 2048).cpu(), ds.noise_bits(keys, 2048))
+    on_cuda, on_cpu = ds.exponential_noise(keys.cuda(), 2048).cpu(), ds.exponential_noise(keys, 2048)
+    # float64 log on either device is within an ulp of float64, so rounded to float32 they agree
+    # but for the rare value within 2**-29 of a float32 rounding boundary: allow one float32 ulp.
+    assert torch.allclose(on_cuda, on_cpu, rtol=2**-23, atol=0)
