@@ -160,3 +160,23 @@ def test_block_table_rows_are_written_only_when_they_grow(tiny_model):
         assert buf.block_tables.dev[2, :2].tolist() == [7, 6]
     finally:
         engine.shutdown()
+
+
+def test_the_frame_function_makes_no_host_sync(tiny_model, voices_for_graphs):
+    """What a CUDA graph of the whole frame (c0 draw, 15 predictor sub-steps with draws, next input) needs:
+    no op reads a device value on the host, draws a generator or makes a shape from data. (The talker's
+    decode part is checked on CUDA only: its CPU attention reference reads lengths on the host.)"""
+    from .test_device_sampling import FailOnHostSync
+
+    requests = mixed_requests(voices_for_graphs, 3)
+    for i, r in enumerate(requests):
+        r.sampling, r.max_frames = tiny_model.sampling(seed=i), 3
+    engine, _ = static_engine(tiny_model, 4)
+    try:
+        run_all(engine, requests)  # fills the slots' buffers with real hidden states and sampling rows
+        decode = engine.runner.decode
+        with torch.inference_mode(), FailOnHostSync():
+            codes = decode.frame(4)
+        assert codes.shape == (4, 17)
+    finally:
+        engine.shutdown()
