@@ -159,6 +159,30 @@ def test_preemption_recomputes_and_keeps_outputs_and_frees_blocks(tiny_model, vo
         eng.shutdown()
 
 
+def test_seeded_requests_preempted_and_recomputed_keep_their_codes(tiny_model, voices):
+    """After a preemption a request is readmitted into another slot: its sampling row, seed and repetition
+    mask are rebuilt there, so its seeded codes equal those of a run that never preempted. (A strong
+    repetition penalty, so a mask that lost the frames before the preemption changes the draws.)"""
+    reqs = [Request(text=TEXTS[i], voice=voices["icl_a" if i % 2 else "xvec_b"], max_frames=24,
+                    sampling=tiny_model.sampling(seed=21 + i, repetition_penalty=3.0), request_id=f"s{i}",
+                    priority=[Priority.HIGH, Priority.NORMAL, Priority.LOW][i]) for i in range(3)]
+    roomy = Engine(tiny_model, EngineConfig(num_kv_blocks=256, max_batched_tokens=64, chunk_frames=(2,)))
+    try:
+        want = [fin for _, fin in run_all(roomy, reqs)]
+        assert roomy.stats().extra["preemptions"] == 0
+    finally:
+        roomy.shutdown()
+    tight = Engine(tiny_model, EngineConfig(num_kv_blocks=5, max_batched_tokens=64, chunk_frames=(2,)))
+    try:
+        got = [fin for _, fin in run_all(tight, [Request(**{**r.__dict__, "request_id": r.request_id + "-t"})
+                                                 for r in reqs])]
+        assert tight.stats().extra["preemptions"] >= 1 and tight.blocks.num_used == 0
+    finally:
+        tight.shutdown()
+    for w, g in zip(want, got, strict=True):
+        assert g.frames > 2 and np.array_equal(g.codes, w.codes), g.request_id
+
+
 def test_bad_request_reports_an_error_and_engine_keeps_working(tiny_model, voices, engine):
     bad = Request(text="Hello", voice=voices["xvec_a"], language="klingon", request_id="bad")
     _, fin = run_all(engine, [bad])[0]
