@@ -60,8 +60,8 @@ class StaticCall:
 
 class StaticDecode:
     def __init__(self, talker: Talker, kv: PagedKVCache, buffers: StepBuffers, draw_talker: TalkerDraw,
-                 draw_predictor: PredictorDraw, bucketed: bool, capture_frame: bool) -> None:
-        """``capture_frame``: the draws are fixed-shape device code that a graph may hold."""
+                 draw_predictor: PredictorDraw, bucketed: bool) -> None:
+        """The draws must be fixed-shape device code with no host synchronisation: a graph holds them."""
         self.talker, self.kv, self.buf = talker, kv, buffers
         self.draw_talker, self.draw_predictor = draw_talker, draw_predictor
         self.device = buffers.device
@@ -74,32 +74,31 @@ class StaticDecode:
         self._frame: dict[int, StaticCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.captured = bucketed and self.device.type == "cuda"  # replayed from CUDA graphs
-        self._capture_frame = capture_frame
         if self.captured:
             with torch.inference_mode():
                 for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
-                    self._call(self._talker, b, self._talker_fn, True)
-                    self._call(self._frame, b, self._frame_fn, capture_frame)
+                    self._call(self._talker, b, self._talker_fn)
+                    self._call(self._frame, b, self._frame_fn)
 
     def rows_for(self, n: int) -> int:
         """The row count a step over slots ``0..n-1`` runs: its bucket, or ``n`` itself when eager."""
         return self.buckets[bisect.bisect_left(self.buckets, n)] if self.bucketed else n
 
-    def _call(self, calls: dict[int, StaticCall], b: int, make: Callable[[int], Callable[[], torch.Tensor]],
-              capture: bool) -> StaticCall:
+    def _call(self, calls: dict[int, StaticCall], b: int, make: Callable[[int], Callable[[], torch.Tensor]]
+              ) -> StaticCall:
         if b not in calls:
-            calls[b] = StaticCall(make(b), self.device, self._pool, capture and self.captured)
+            calls[b] = StaticCall(make(b), self.device, self._pool, self.captured)
         return calls[b]
 
     def talker_decode(self, b: int) -> None:
         """Rows ``0..b-1``: the talker's normed hidden state of each decoding slot's new row → ``buf.hidden``."""
-        self._call(self._talker, b, self._talker_fn, True)()
+        self._call(self._talker, b, self._talker_fn)()
 
     def frame(self, b: int) -> torch.Tensor:
         """Rows ``0..b-1``: a frame from each sampling slot's hidden state; its next talker input →
         ``buf.x_next``. Returns ``[b, 17]``: the 16 codes and a non-finite-probabilities flag (rows of slots
         that did not sample are meaningless)."""
-        return self._call(self._frame, b, self._frame_fn, self._capture_frame)()
+        return self._call(self._frame, b, self._frame_fn)()
 
     def _talker_fn(self, b: int) -> Callable[[], torch.Tensor]:
         buf = self.buf

@@ -50,7 +50,7 @@ class Runner:
         self.sampling = RowSampling.allocate(max_running, self.device)
         self.vocab = TalkerVocab.build(vocab, self.eos, self.device)
         self.decode = StaticDecode(talker, kv, self.buf, self._draw_talker, self._draw_predictor,
-                                   bucketed=static_graphs, capture_frame=True)
+                                   bucketed=static_graphs)
         self.path = "static" if static_graphs else "eager"
         # Cumulative seconds per phase (what `bench engine` reports as the step split). On CUDA only the
         # codes copy waits for the device, so there the frame phase carries the time of the whole step.
