@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.api import Priority, Request, StopReason
+from engine.api import Priority, Request
 from engine.block_manager import chain_hash
 from engine.prompt import Prompt
 from engine.sampling import SamplingParams
@@ -41,20 +42,18 @@ class RequestState:
     num_computed: int = 0  # rows of pending_rows already in the KV cache
     frames: list[list[int]] = field(default_factory=list)
     frame_rows: list[torch.Tensor] = field(default_factory=list)  # talker input row of each generated frame
-    next_row: torch.Tensor | None = None  # the input that follows the last frame (decode step input)
-    generator: torch.Generator | None = None
-    stop_reason: StopReason | None = None
-    error: str | None = None
+    # The key of every draw (engine/device_sampling.py): the request's seed, or one drawn at admission, so
+    # a request readmitted after a preemption continues the same stream.
+    seed: int = 0
     first_chunk_at: float | None = None
-    frames_emitted: int = 0
-    cancelled: bool = False
     preemptions: int = 0
+    # The request's row in the step's persistent buffers while it runs (PREFILL or DECODE), given by the
+    # scheduler at admission and taken back when it leaves; a decode step runs rows 0..bucket-1.
+    slot: int | None = None
 
     def __post_init__(self) -> None:
         self.pending_rows = self.prompt.prefill
-        p = self.sampling
-        if p.seed is not None and (p.do_sample or p.subtalker_do_sample):
-            self.generator = torch.Generator(device=self.prompt.prefill.device).manual_seed(p.seed)
+        self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64)
 
     @property
     def priority(self) -> Priority:
@@ -93,5 +92,4 @@ class RequestState:
         rows = [self.prompt.prefill, *[r[None] for r in self.frame_rows]]
         self.pending_rows = torch.cat(rows)
         self.num_computed = 0
-        self.next_row = None
         self.status = Status.WAITING

@@ -6,8 +6,8 @@ EOS forbidden for the first ``min_new_tokens`` frames → control ids suppressed
 Code predictor (codebooks 1..15): temperature → top-k → top-p → multinomial.
 Greedy is argmax of the processed logits (the warpers do not change the argmax).
 
-Each request owns a ``torch.Generator`` seeded from its seed, so a request's draws never depend
-on its batch neighbours; with the same seed the draws equal the official code's (which uses the
+The reference path (engine/generate.py) gives each request a ``torch.Generator`` seeded from its
+seed; with the same seed the draws equal the official code's (which uses the
 global generator after ``torch.manual_seed``), in the same order: 15 predictor draws for frame
 g, then the talker draw for frame g+1.
 """
@@ -60,6 +60,10 @@ class SamplingParams:
             raise ValueError("sampling values must be finite numbers")  # NaN/inf logits fail the step
         if not (0 <= self.top_k < 2**31 and 0 <= self.subtalker_top_k < 2**31):
             raise ValueError("top_k must be in [0, 2**31)")
+        # The engine keys its noise with a 64-bit seed (engine/device_sampling.py would fold a larger one
+        # onto another request's stream); [0, 2**63) is also the range every front end documents.
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError("seed must be an integer in [0, 2**63)")
         if self.temperature <= 0 or self.subtalker_temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.top_k < 0 or self.subtalker_top_k < 0:

@@ -191,28 +191,28 @@ def test_warm_up_voice_is_one_each_variant_serves(cv_model, checkpoints, tiny_mo
 @pytest.mark.parametrize("preset", ["tiny-custom-voice", "tiny-0.6b-custom-voice"])
 def test_graph_path_serves_speakers_like_the_eager_path(checkpoints, preset):
     """The static-buffer decode path CUDA replays, on CPU: speaker and instruction prompts, with a
-    projecting (1.7B-like) and an Identity (0.6B-like) ``small_to_mtp_projection``."""
+    projecting (1.7B-like) and an Identity (0.6B-like) ``small_to_mtp_projection``, against the eager
+    decode (``cuda_graphs`` off)."""
     from engine.model import TTSModel
-
-    from .test_cuda_graphs import graphed_engine
 
     model = TTSModel.load(checkpoints[preset])
     requests = mixed_requests(model, 6)
     if not model.cfg.takes_instructions:
         for r in requests:
             r.instruct = None
-    eager = engine_for(model)
-    try:
-        expected = run_all(eager, requests, stagger=0.01)
-    finally:
-        eager.shutdown()
-    engine, calls = graphed_engine(model, max_batch=8)
-    try:
-        for r in requests:
-            r.request_id += "-graphed"
-        results = run_all(engine, requests, stagger=0.01)
-    finally:
-        engine.shutdown()
-    for (_, want), (_, got) in zip(expected, results, strict=True):
+    counters = {}
+    results = {}
+    for static in (False, True):
+        engine = Engine(model, EngineConfig(num_kv_blocks=512, max_batched_tokens=64, chunk_frames=(1, 2, 4),
+                                            max_running=8, cuda_graphs=static))
+        try:
+            for r in requests:
+                r.request_id = r.request_id.split("@")[0] + f"@{static}"
+            results[static] = run_all(engine, requests, stagger=0.01)
+            counters[static] = engine.stats().counters
+        finally:
+            engine.shutdown()
+    for (_, want), (_, got) in zip(results[False], results[True], strict=True):
         assert want.error is None and np.array_equal(got.codes, want.codes), got.request_id
-    assert calls["talker"] > 0 and calls["predictor"] > 0
+    assert counters[True]["decode_rows{path=static}"] > 0 and counters[True]["decode_rows{path=eager}"] == 0
+    assert counters[False]["decode_rows{path=eager}"] > 0
