@@ -334,6 +334,19 @@ def test_a_sampler_that_races_on_u_instead_of_minus_log_u_fails_the_fit(monkeypa
     assert chi2_p_value(counts_of(predictor_draws(params), len(LOGITS)), want) < 1e-6
 
 
+def test_draws_of_neighbouring_frames_and_codebooks_are_independent():
+    """A weak key would correlate a row's successive draws: the pair (frame 2i, frame 2i+1), and the
+    pair (codebook 1, codebook 2) of one frame, must fit the product of the marginals."""
+    params = SamplingParams(seed=14, subtalker_top_k=0, subtalker_temperature=1.0)
+    n, vocab = 2 * 5000, 4
+    uniform = torch.zeros(n, vocab)
+    first = sample_predictor(uniform, repeated(params, n), torch.arange(n), codebook=1)
+    second = sample_predictor(uniform, repeated(params, n), torch.arange(n), codebook=2)
+    product = [1 / vocab**2] * vocab**2
+    for a, b in ((first[0::2], first[1::2]), (first, second)):
+        assert chi2_p_value(counts_of(a * vocab + b, vocab**2), product) > 1e-3
+
+
 # ---- nothing waits for the device ---------------------------------------------------------------------
 
 class FailOnHostSync(TorchDispatchMode):
