@@ -204,9 +204,9 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
             if resp is None:
                 resp = await _prepare(request, fmt, sse, sample_rate)
             pcm = encode_pcm(item.samples, "pcm_s16le")
+            track.sent(item)  # stamped as handed to the socket, as on the WebSocket (server/speak.py)
             await write(_event({"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()}) if sse
                         else pcm)
-            track.sent(item)
     except ConnectionError:  # the client went away; stream_audio's exit cancels the request
         track.abandoned("client_gone")
     except Exception as e:  # an engine that raises instead of reporting

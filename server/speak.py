@@ -210,8 +210,10 @@ class Session:
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:
                 if isinstance(item, AudioChunk):
-                    await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
+                    # Stamped as it is handed to the socket: how long the send then waits on the client
+                    # reading is the client's time, which its own figure counts (it ends when it hears it).
                     track.sent(item)
+                    await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
                 else:
                     finished = item
         assert finished is not None
