@@ -129,6 +129,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", "64")),
                    help="WebSocket sessions plus HTTP speech requests at once; more get OVERLOADED "
                         "(default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=int(_env("MAX_CONNECTIONS", "256")),
+                   help="WebSocket connections open at once, started or not; a session slot is taken at start, "
+                        "so this is what bounds sockets that never start (default: %(default)s)")
     p.add_argument("--auth-token-file", type=Path, default=_env("AUTH_TOKEN_FILE"),
                    help="file with accepted tokens, one a line ('#' comments); without it there is no auth")
     p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS", ""),
@@ -282,6 +285,7 @@ def _serve(args: argparse.Namespace) -> int:
     origins = frozenset(o.strip().rstrip("/").lower() for o in args.allowed_origins.split(",") if o.strip())
     settings = ServerSettings(model_name=args.model, noise_model=is_random(args.model), voices_dir=args.voices_dir,
                               default_voice=args.default_voice, max_sessions=args.max_sessions,
+                              max_connections=args.max_connections,
                               auth_tokens=_read_tokens(args.auth_token_file), allowed_origins=origins,
                               max_sessions_per_token=args.max_sessions_per_token,
                               max_messages_per_s=args.max_messages_per_second,

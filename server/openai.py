@@ -1,9 +1,10 @@
 """``POST /v1/audio/speech``, shaped like OpenAI's so existing clients (OpenWebUI, SillyTavern, the
 openai SDK) work unchanged, plus the voice-cloning extensions Qwen3-TTS servers share.
 
-``pcm`` and ``wav`` stream the body as it is generated; ``flac``, ``mp3`` and ``opus`` are whole
-files (libsndfile encodes them at the end). ``stream_format: "sse"`` sends base64 PCM in
-``speech.audio.delta`` events and ends with ``speech.audio.done``. Unknown fields are ignored,
+``pcm`` streams the body as it is generated; ``wav``, ``flac``, ``mp3`` and ``opus`` are whole files
+sent when done, so a ``wav`` header carries its true sizes. The extension ``"stream"`` picks the other
+way for ``pcm`` and ``wav`` (a streamed ``wav`` header cannot know its sizes). ``stream_format: "sse"``
+sends base64 PCM in ``speech.audio.delta`` events and ends with ``speech.audio.done``. Unknown fields are ignored,
 as OpenAI-compatible clients often send their own extras.
 """
 
@@ -30,6 +31,7 @@ from server.synth import Tracker, failed, stream_audio
 
 log = logging.getLogger("makima.server.openai")
 FORMATS = ("pcm", "wav", *FILE_FORMATS)
+STREAMABLE = ("pcm", "wav")
 
 
 def _field(body: dict, key: str, kinds: type | tuple[type, ...], default: object = None) -> object:
@@ -41,8 +43,8 @@ def _field(body: dict, key: str, kinds: type | tuple[type, ...], default: object
     return value
 
 
-def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
-    """The JSON body → (session-like start, text, response_format, stream_format)."""
+def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str, bool]:
+    """The JSON body → (session-like start, text, response_format, stream_format, streamed)."""
     s = state.settings
     if not isinstance(body, dict):
         raise P.ProtocolError(P.INVALID_MESSAGE, "the body must be a JSON object")
@@ -59,6 +61,13 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
         raise P.ProtocolError(P.UNSUPPORTED, "stream_format must be audio or sse")
     if stream_format == "sse" and fmt != "pcm":
         raise P.ProtocolError(P.UNSUPPORTED, "stream_format sse sends pcm; set response_format to pcm")
+    # Only raw pcm streams by default: a whole wav is what a reader that trusts the header (Python's
+    # wave, many players) needs, and a client that wants its first audio early says "stream": true.
+    streamed = _field(body, "stream", bool, fmt == "pcm" or stream_format == "sse")
+    if streamed and fmt not in STREAMABLE:
+        raise P.ProtocolError(P.UNSUPPORTED, f"stream is offered for {' and '.join(STREAMABLE)}; {fmt} is a whole file")
+    if not streamed and stream_format == "sse":
+        raise P.ProtocolError(P.UNSUPPORTED, "stream_format sse streams; leave stream out or set it true")
     speed = _field(body, "speed", (int, float), 1.0)
     if speed != 1.0:
         raise P.ProtocolError(P.UNSUPPORTED, "speed other than 1.0 is not offered")
@@ -82,14 +91,14 @@ def parse(body: object, state: AppState) -> tuple[P.Start, str, str, str]:
     sampling = P.parse_sampling({"seed": body.get("seed")})
     language = P.language_name(_field(body, "language", str, "auto") or "auto")
     start = P.Start(voice=spec, language=language, encoding="pcm_s16le", sampling=sampling, instruct=instructions)
-    return start, text, fmt, stream_format
+    return start, text, fmt, stream_format, streamed
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     try:
         body = await json_body(request)
-        start, text, fmt, stream_format = parse(body, state)
+        start, text, fmt, stream_format, streamed = parse(body, state)
         engine = state.require_engine()
         state.check_language(start.language)
         state.acquire_slot(request_key(request))
@@ -104,7 +113,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         req = state.request(text, voice, start, f"http-{uuid.uuid4().hex[:16]}", voice_name if voice is None else None)
         track = Tracker(state.metrics, engine.sample_rate, req.request_id, voice_name)
         async with contextlib.aclosing(stream_audio(engine, req, state.watch)) as stream:
-            if fmt in FILE_FORMATS:
+            if not streamed:
                 try:
                     return await _whole_file(request, stream, fmt, track, engine.sample_rate, state)
                 except ConnectionError:  # the client went away; stream_audio's exit cancels the request
@@ -137,8 +146,23 @@ async def _whole_file(request: web.Request, stream, fmt: str, track: Tracker, sa
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     # Encoding a minute of audio took 1.0 s (mp3) and 2.0 s (opus) here (load 5.4): on the loop, every
     # other stream would stall that long.
-    body = await asyncio.get_running_loop().run_in_executor(None, encode_file, audio, fmt, sample_rate)
-    return web.Response(body=body, content_type=FILE_FORMATS[fmt][2])
+    body = await asyncio.get_running_loop().run_in_executor(None, _encode_whole, audio, fmt, sample_rate)
+    # A bytes body gets its Content-Length from aiohttp: the client knows the size before it reads.
+    headers = {"Content-Type": _content_type(fmt), "Cache-Control": "no-store", "X-Sample-Rate": str(sample_rate)}
+    if fmt not in FILE_FORMATS:
+        headers["X-Audio-Encoding"] = "pcm_s16le"
+    return web.Response(body=body, headers=headers)
+
+
+def _encode_whole(audio: np.ndarray, fmt: str, sample_rate: int) -> bytes:
+    if fmt in FILE_FORMATS:
+        return encode_file(audio, fmt, sample_rate)
+    pcm = encode_pcm(audio, "pcm_s16le")
+    return wav_header(sample_rate, "pcm_s16le", len(pcm)) + pcm if fmt == "wav" else pcm
+
+
+def _content_type(fmt: str) -> str:
+    return FILE_FORMATS[fmt][2] if fmt in FILE_FORMATS else "audio/wav" if fmt == "wav" else "audio/pcm"
 
 
 async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, track: Tracker, sample_rate: int,
@@ -181,9 +205,9 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
             if resp is None:
                 resp = await _prepare(request, fmt, sse, sample_rate)
             pcm = encode_pcm(item.samples, "pcm_s16le")
+            track.sent(item)  # stamped as handed to the socket, as on the WebSocket (server/speak.py)
             await write(_event({"type": "speech.audio.delta", "audio": base64.b64encode(pcm).decode()}) if sse
                         else pcm)
-            track.sent(item)
     except ConnectionError:  # the client went away; stream_audio's exit cancels the request
         track.abandoned("client_gone")
     except Exception as e:  # an engine that raises instead of reporting
@@ -195,10 +219,7 @@ async def _streamed(request: web.Request, stream, fmt: str, stream_format: str, 
 
 
 async def _prepare(request: web.Request, fmt: str, sse: bool, sample_rate: int) -> web.StreamResponse:
-    if sse:
-        ctype = "text/event-stream"
-    else:
-        ctype = "audio/wav" if fmt == "wav" else "audio/pcm"
+    ctype = "text/event-stream" if sse else _content_type(fmt)
     resp = web.StreamResponse(headers={"Content-Type": ctype, "Cache-Control": "no-store",
                                        "X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le"})
     await resp.prepare(request)

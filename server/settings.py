@@ -24,8 +24,11 @@ class ServerSettings:
     ws_max_message_bytes: int = 8 * 2**20 * 4 // 3 + 2**16
     heartbeat_s: float = 15.0  # below nginx's 60 s proxy_read_timeout and common LB idle timeouts
     idle_timeout_s: float = 120.0  # no client message (pings/pongs do not count) and nothing to synthesize → close
-    # A socket takes its slot at the handshake; one that has not started after this long gives it back.
+    # A socket that has not started after this long is closed, giving its connection back.
     start_timeout_s: float = 30.0
+    # WebSocket connections open at once, started or not. A session slot (max_sessions) is taken at
+    # start, so sockets that never start cannot crowd out clients that speak; this bounds them instead.
+    max_connections: int = 256
     write_timeout_s: float = 30.0  # aiohttp has no write timeout; a client that never reads is dropped
     # The kernel send buffer of an audio stream (limits.limit_send_buffer; Linux doubles it to 256 KB,
     # ~2.7 s of 16-bit audio): more than a fast link keeps in flight, so a stalled reader is noticed

@@ -44,9 +44,11 @@ class ClientGone(Exception):
 
 class Session:
     def __init__(self, state: AppState, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None,
-                 bucket: TokenBucket | None = None) -> None:
+                 bucket: TokenBucket | None = None, key: str | None = None) -> None:
         self.state, self.ws, self.settings = state, ws, state.settings
         self.transport = transport
+        self.key = key  # the client's token: its session slots are counted against it
+        self.holds_slot = False  # a session slot is taken at start, not at the handshake
         self.bucket = bucket or state.limits.new_bucket()  # message rate: the token's, or this socket's
         self.refused = 0  # messages refused in a row for rate
         self.id = uuid.uuid4().hex[:16]
@@ -131,7 +133,19 @@ class Session:
             return
         engine = self.state.require_engine()
         self.state.check_language(msg.language)
-        self.voice, self.voice_name = await self.state.voice_prompt(msg.voice)
+        try:
+            self.state.acquire_slot(self.key)
+        except P.ProtocolError as e:  # full: say why, then close 1013 as a refused handshake did before
+            self.closing = True
+            await self.send_error(e)
+            await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=e.code.lower().encode())
+            return
+        self.holds_slot = True
+        try:
+            self.voice, self.voice_name = await self.state.voice_prompt(msg.voice)
+        except BaseException:  # no start, no slot: the client may send start again on this socket
+            self.release_slot()
+            raise
         self.start = msg
         self.worker = asyncio.create_task(self.run())
         await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, self.voice_name, msg.language))
@@ -212,8 +226,10 @@ class Session:
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:
                 if isinstance(item, AudioChunk):
-                    await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
+                    # Stamped as it is handed to the socket: how long the send then waits on the client
+                    # reading is the client's time, which its own figure counts (it ends when it hears it).
                     track.sent(item)
+                    await self._send(self.ws.send_bytes(encode_pcm(item.samples, start.encoding)))
                 else:
                     finished = item
         assert finished is not None
@@ -239,6 +255,11 @@ class Session:
                                                                   "messages a second; this one was dropped"))
         return True
 
+    def release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.state.release_slot(self.key)
+
     async def close(self) -> None:
         self.closing = True
         if self.worker is not None:
@@ -260,14 +281,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     limit_send_buffer(request.transport, s.send_buffer_bytes)
     key = request_key(request)
-    session = Session(state, ws, request.transport, state.limits.bucket(key))
-    try:
-        state.acquire_slot(key)
-    except P.ProtocolError as e:
+    session = Session(state, ws, request.transport, state.limits.bucket(key), key)
+    if len(state.sessions) >= s.max_connections:
         # After the upgrade, so browsers (which cannot read a refused handshake) see the reason.
         with contextlib.suppress(ClientGone):
-            await session.send_error(e)
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=e.code.lower().encode())
+            await session.send_error(P.ProtocolError(P.OVERLOADED, f"the server holds its limit of "
+                                                                   f"{s.max_connections} connections; retry shortly"))
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"overloaded")
         return ws
     state.sessions.add(session)
     try:
@@ -275,7 +295,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         state.sessions.discard(session)
         await session.close()
-        state.release_slot(key)
+        session.release_slot()
         if not ws.closed:
             await ws.close()
     return ws
@@ -284,8 +304,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
 def _deadline(session: Session, last_message: float, opened: float) -> tuple[float, str]:
     """When the socket is closed for silence, and why. Only application messages count: aiohttp's
     receive() timeout restarts on every ping and pong, and our own heartbeat makes every compliant
-    client pong, so that timeout never fired. A socket holds a slot from its handshake, so one that
-    never starts gets start_timeout_s to do so."""
+    client pong, so that timeout never fired. A socket that never starts holds no session slot, but it
+    holds one of max_connections: it gets start_timeout_s to start."""
     s = session.settings
     deadline, why = last_message + s.idle_timeout_s, f"no message for {s.idle_timeout_s:g} s"
     if session.start is None and opened + s.start_timeout_s < deadline:

@@ -48,7 +48,7 @@ class AppState:
     load_progress: str = "starting"
     draining: bool = False
     metrics: Metrics = field(init=False)
-    sessions: set = field(default_factory=set)  # open speak.Session objects
+    sessions: set = field(default_factory=set)  # open speak.Session objects, started or not (max_connections)
     active: int = 0  # sessions + HTTP speech requests holding a slot (max_sessions)
     limits: Limits = field(init=False)
     watch: EngineWatch = field(default_factory=EngineWatch)
@@ -180,4 +180,4 @@ def get_state(request: web.Request) -> AppState:
 def in_flight(state: AppState) -> int:
     """Utterances being spoken or queued, plus HTTP speech requests (slots not held by a socket)."""
     busy = sum(1 for s in state.sessions if s.busy)
-    return busy + state.active - len(state.sessions)
+    return busy + state.active - sum(1 for s in state.sessions if s.holds_slot)

@@ -172,8 +172,8 @@ CASES = [
     Case("damaged_audio", S.damaged_audio(), damaged_audio, 100, 1000),
     Case("voice_id", st.sampled_from(S.PATH_TRICKS + [VOICE]) | st.text(max_size=70), voice_id, 100, 1000),
     Case("http_speech", st.fixed_dictionaries({}, optional={k: S.wild for k in (
-        "input", "voice", "response_format", "stream_format", "speed", "seed", "language", "ref_audio", "ref_text",
-        "x_vector_only", "model", "instructions")}), http_speech, 150, 1500),
+        "input", "voice", "response_format", "stream_format", "stream", "speed", "seed", "language", "ref_audio",
+        "ref_text", "x_vector_only", "model", "instructions")}), http_speech, 150, 1500),
     Case("raw_frame", S.raw_frames, raw_frame, 150, 1500),
 ]
 

@@ -43,7 +43,7 @@ ws_step = st.tuples(st.just("ws"), st.fixed_dictionaries(
     st.lists(S.messages, max_size=3), st.booleans())
 http_step = st.tuples(st.just("http"), st.fixed_dictionaries(
     {"input": TEXTS, "voice": st.just(VOICE), "seed": SEEDS | S.wild},
-    optional={"response_format": FORMATS, "stream_format": S.wild, "speed": S.wild,
+    optional={"response_format": FORMATS, "stream_format": S.wild, "stream": st.booleans() | S.wild, "speed": S.wild,
               "language": S.wild, "ref_audio": S.wild, "x_vector_only": S.wild}), st.booleans())
 voice_step = st.tuples(st.just("voice"), st.sampled_from(["GET", "DELETE", "POST"]),
                        st.sampled_from(S.PATH_TRICKS) | st.text(max_size=70), S.wild)

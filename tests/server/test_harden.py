@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from server import protocol as P
 from server.app import create_app
 from server.settings import ServerSettings
-from server.state import STATE
+from server.state import STATE, in_flight
 from tests.server.conftest import recv_json, serve, wav_bytes
 from tests.server.fake_engine import FakeEngine
 
@@ -53,8 +53,8 @@ async def test_idle_timeout_fires_for_a_stock_client_that_answers_the_servers_pi
         assert (await ws.receive(timeout=5)).type == WSMsgType.CLOSE
 
 
-async def test_a_socket_that_never_starts_gives_its_slot_back():
-    async with serve(voices=VOICES, heartbeat_s=0.1, max_sessions=1, start_timeout_s=0.5) as client:
+async def test_a_socket_that_never_starts_gives_its_connection_back():
+    async with serve(voices=VOICES, heartbeat_s=0.1, max_connections=1, start_timeout_s=0.5) as client:
         silent = await client.ws_connect("/api/v1/speak", autoping=True)
         err = await recv_json(silent, timeout=5)
         assert err["code"] == "IDLE_TIMEOUT" and "start" in err["message"], err
@@ -66,8 +66,36 @@ async def test_a_socket_that_never_starts_gives_its_slot_back():
                 break
             await asyncio.sleep(0.02)
         else:
-            raise AssertionError("the silent socket's slot never came back")
+            raise AssertionError("the silent socket's connection never came back")
         await ws.close()
+
+
+async def test_64_silent_sockets_do_not_stop_a_65th_client_from_speaking():
+    """Slots are counted from start: sockets that connect and never start (as many as there are slots,
+    heartbeats answered) leave every slot to clients that speak, on the WebSocket and over HTTP."""
+    async with serve(voices=VOICES, heartbeat_s=0.1) as client:
+        slots = client.app[STATE].settings.max_sessions
+        assert slots == 64  # the default the issue measured
+        silent = [await client.ws_connect("/api/v1/speak", autoping=True) for _ in range(slots)]
+        # Each reads, so aiohttp pongs the server's pings, as a compliant client's library does (one that
+        # does not read misses its pongs and the heartbeat closes it, freeing what it held anyway).
+        readers = [asyncio.create_task(s.receive()) for s in silent]
+        await asyncio.sleep(0.3)  # a few heartbeats
+        assert client.app[STATE].active == 0 and len(client.app[STATE].sessions) == slots
+        assert in_flight(client.app[STATE]) == 0  # unstarted sockets are no load (the drain waits on this)
+        ws = await client.ws_connect("/api/v1/speak")
+        await ws.send_json({"type": "start", "voice": "anna"})
+        assert (await recv_json(ws))["type"] == "ready"
+        await ws.send_json({"type": "speak", "id": 1, "text": "Hi."})
+        assert (await recv_json(ws))["type"] == "complete"
+        speech = await client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "anna", "response_format": "pcm"})
+        assert speech.status == 200 and len(await speech.read()) > 0
+        assert client.app[STATE].active == 1 and not any(r.done() for r in readers)  # all still open, silent
+        await ws.close()
+        for r in readers:
+            r.cancel()
+        for s in silent:
+            await s.close()
 
 
 # ---- item 4: header parsing cannot raise --------------------------------------------------------

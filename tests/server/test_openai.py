@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import struct
+import wave
 
 import numpy as np
 import pytest
@@ -37,11 +38,38 @@ async def test_pcm_streams_s16le_equal_to_the_engine_output():
         assert b"".join(chunks) == encode_pcm(await want(client), "pcm_s16le")
 
 
-async def test_wav_has_a_streaming_header_then_pcm():
-    async with serve(voices=VOICES) as client:
+async def test_whole_wav_has_true_sizes_so_wave_reads_exactly_the_samples_sent():
+    async with serve(FakeEngine(chunk_delay=0.01), voices=VOICES) as client:
         r = await client.post("/v1/audio/speech", json={"model": "x", "input": TEXT, "voice": "anna",
                                                          "response_format": "wav"})
         body = await r.read()
+        want_pcm = encode_pcm(await want(client), "pcm_s16le")
+        assert r.status == 200 and r.headers["Content-Type"] == "audio/wav"
+        assert int(r.headers["Content-Length"]) == len(body) == 44 + len(want_pcm)
+        assert struct.unpack("<I", body[4:8])[0] == 36 + len(want_pcm)  # RIFF size
+        with wave.open(io.BytesIO(body)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+            assert w.getnframes() == len(want_pcm) // 2
+            assert w.readframes(w.getnframes() + 1) == want_pcm
+
+
+async def test_pcm_can_come_whole_with_its_length():
+    async with serve(FakeEngine(chunk_delay=0.01), voices=VOICES) as client:
+        r = await client.post("/v1/audio/speech", json={"input": TEXT, "voice": "anna", "response_format": "pcm",
+                                                         "stream": False})
+        body = await r.read()
+        assert r.headers["Content-Type"] == "audio/pcm" and int(r.headers["Content-Length"]) == len(body)
+        assert body == encode_pcm(await want(client), "pcm_s16le")
+
+
+async def test_streamed_wav_on_request_has_an_unknown_length_header_then_pcm():
+    async with serve(FakeEngine(chunk_delay=0.01), voices=VOICES) as client:
+        r = await client.post("/v1/audio/speech", json={"model": "x", "input": TEXT, "voice": "anna",
+                                                         "response_format": "wav", "stream": True})
+        chunks = [c async for c in r.content.iter_any()]
+        assert len(chunks) > 1 and "Content-Length" not in r.headers  # arrived as generated
+        body = b"".join(chunks)
+        assert struct.unpack("<I", body[40:44])[0] == 0xFFFFFFFF
         assert r.headers["Content-Type"] == "audio/wav" and body[:4] == b"RIFF" and body[8:16] == b"WAVEfmt "
         assert struct.unpack("<HHI", body[20:28]) == (1, 1, 24000)
         assert body[44:] == encode_pcm(await want(client), "pcm_s16le")
@@ -104,6 +132,11 @@ async def test_extensions_inline_voice_seed_language_and_openai_voice_names():
     ({"model": "x", "input": TEXT, "voice": "anna", "response_format": "aac"}, 400, "UNSUPPORTED"),
     ({"model": "x", "input": TEXT, "voice": "anna", "response_format": "wav", "stream_format": "sse"}, 400,
      "UNSUPPORTED"),
+    ({"model": "x", "input": TEXT, "voice": "anna", "response_format": "mp3", "stream": True}, 400, "UNSUPPORTED"),
+    ({"model": "x", "input": TEXT, "voice": "anna", "response_format": "pcm", "stream_format": "sse",
+      "stream": False}, 400, "UNSUPPORTED"),
+    ({"model": "x", "input": TEXT, "voice": "anna", "response_format": "wav", "stream": "yes"}, 400,
+     "INVALID_MESSAGE"),
     ({"model": "x", "input": TEXT, "voice": "anna", "instructions": "whisper"}, 400, "UNSUPPORTED"),
     ({"model": "x", "input": TEXT, "voice": "anna", "language": "klingon"}, 400, "UNSUPPORTED"),
     ({"model": "x", "input": TEXT, "ref_audio": "@@@", "x_vector_only": True}, 400, "INVALID_AUDIO"),

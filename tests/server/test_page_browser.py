@@ -34,7 +34,9 @@ TEXT = "The page streams this sentence and plays it as it arrives."
 
 @pytest.mark.timeout(60)
 async def test_speak_page_speaks_shows_stats_and_records_a_voice():
-    async with serve(FakeEngine(chunk_delay=0.01), voices={"anna": wav_bytes(1.0)}, default_voice="anna",
+    # A first chunk 100 ms out: the server's own TTFA is then well above the page's 50 ms playback lead,
+    # so a page figure that missed the server's part (measured from a later instant) falls below it.
+    async with serve(FakeEngine(chunk_delay=0.1), voices={"anna": wav_bytes(1.0)}, default_voice="anna",
                      noise_model=True, model_name="random:tiny") as client:
         url = f"http://127.0.0.1:{client.port}/speak"
         with tempfile.TemporaryDirectory() as profile:
@@ -59,7 +61,9 @@ async def test_speak_page_speaks_shows_stats_and_records_a_voice():
                     assert s["bytes"] == frames_for(TEXT) * 1920 * 4 and s["chunks"] >= 3
                     assert s["last"]["frames"] == frames_for(TEXT)
                     assert abs(s["scheduledS"] - frames_for(TEXT) * 0.08) < 1e-6  # every chunk went to Web Audio
-                    assert (await page.text_content("#ttfa")).endswith(" ms")
+                    assert (await page.text_content("#ttfa")) == f"{round(s['ttfaMs'])} ms"
+                    assert_ttfa_counts_what_the_server_counts(s)
+                    assert "speakers" in await page.text_content("#ttfa-means")  # the page says what it measures
                     assert (await page.text_content("#server-ttfa")).endswith(" ms")
                     assert float(await page.text_content("#rtf")) > 0
                     assert (await page.text_content("#audio")).endswith(" s")
@@ -77,8 +81,17 @@ async def test_speak_page_speaks_shows_stats_and_records_a_voice():
                     await page.wait_for_function("window.makimaStats.completes >= 2", timeout=10000)
                     s = await page.evaluate("window.makimaStats")
                     assert s["errors"] == [] and s["last"]["frames"] == frames_for(TEXT), console
+                    assert_ttfa_counts_what_the_server_counts(s)
                 finally:
                     await browser.close()
+
+
+def assert_ttfa_counts_what_the_server_counts(s: dict) -> None:
+    """The page's figure runs from sending the text to hearing it; the server's from the text's arrival to
+    its audio leaving: the server's interval lies inside the page's, so the page's figure is never lower,
+    and hearing comes after arriving."""
+    assert s["ttfaMs"] >= s["last"]["ttfa_ms"], s
+    assert s["ttfaMs"] > s["arrivalMs"] >= 0, s  # scheduled ahead of now: heard after it arrived
 
 
 @pytest.mark.timeout(60)

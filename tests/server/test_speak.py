@@ -177,3 +177,23 @@ async def test_a_long_utterance_is_not_an_idle_session():
         await ws.send_json({"type": "speak", "id": "a", "text": "w" * 40})  # ~13 frames, ~0.4 s
         _, done, _ = await collect_utterance(ws)
         assert done["type"] == "complete"
+
+
+async def test_server_ttfa_ends_when_audio_is_handed_to_the_socket_not_when_the_client_has_read_it(monkeypatch):
+    """The page's figure (sending the text → hearing it) must contain the server's: a send that waits on
+    the client is the client's time, so it must not be in the server's TTFA."""
+    from aiohttp import web
+
+    slow_s = 0.3
+    real = web.WebSocketResponse.send_bytes
+
+    async def slow_client(self, data, *args, **kwargs):  # as if the socket waited on the client to drain
+        await asyncio.sleep(slow_s)
+        return await real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(web.WebSocketResponse, "send_bytes", slow_client)
+    async with serve(voices=VOICES) as client:
+        ws, _ = await start(client)
+        await ws.send_json({"type": "speak", "id": "u1", "text": "Hello there."})
+        _, done, _ = await collect_utterance(ws)
+        assert done["ttfa_ms"] < slow_s * 1000 <= done["wall_ms"], done

@@ -150,15 +150,18 @@ async def test_queue_limit_is_overloaded_for_that_message():
         assert err["code"] == "OVERLOADED" and err["id"] in (2, 3)  # 0 may or may not have left the queue
 
 
-async def test_too_many_sessions_is_overloaded_with_close_1013():
+async def test_too_many_sessions_is_overloaded_at_start_with_close_1013():
     async with serve(voices=VOICES, max_sessions=1) as client:
         ws1 = await client.ws_connect("/api/v1/speak")
-        ws2 = await client.ws_connect("/api/v1/speak")
+        ws2 = await client.ws_connect("/api/v1/speak")  # connecting takes no slot: ws2 stays open, idle
+        with pytest.raises(asyncio.TimeoutError):
+            await ws2.receive(timeout=0.2)
+        await ws1.send_json({"type": "start", "voice": "anna"})
+        assert (await recv_json(ws1))["type"] == "ready"
+        await ws2.send_json({"type": "start", "voice": "anna"})
         assert (await recv_json(ws2))["code"] == "OVERLOADED"
         msg = await ws2.receive(timeout=5)
         assert msg.type == WSMsgType.CLOSE and msg.data == 1013
-        await ws1.send_json({"type": "start", "voice": "anna"})
-        assert (await recv_json(ws1))["type"] == "ready"
         await ws1.close()
         for _ in range(50):  # the slot is released when the handler returns
             ws3 = await client.ws_connect("/api/v1/speak")
@@ -167,6 +170,38 @@ async def test_too_many_sessions_is_overloaded_with_close_1013():
                 break
         else:
             raise AssertionError("slot never freed")
+
+
+async def test_a_start_that_fails_gives_its_slot_back():
+    async with serve(voices=VOICES, max_sessions=1) as client:
+        ws1 = await client.ws_connect("/api/v1/speak")
+        await ws1.send_json({"type": "start", "voice": "nobody"})
+        assert (await recv_json(ws1))["code"] == "VOICE_NOT_FOUND"
+        ws2 = await client.ws_connect("/api/v1/speak")
+        await ws2.send_json({"type": "start", "voice": "anna"})
+        assert (await recv_json(ws2))["type"] == "ready"  # the failed start's slot was not kept
+        await ws1.send_json({"type": "start", "voice": "anna"})  # same socket, again: now the server is full
+        assert (await recv_json(ws1))["code"] == "OVERLOADED"
+        await ws2.close()
+
+
+async def test_connections_beyond_the_cap_are_overloaded_with_close_1013_before_start():
+    async with serve(voices=VOICES, max_connections=2) as client:
+        idle = [await client.ws_connect("/api/v1/speak") for _ in range(2)]
+        third = await client.ws_connect("/api/v1/speak")
+        err = await recv_json(third)
+        assert err["code"] == "OVERLOADED" and "connections" in err["message"], err
+        msg = await third.receive(timeout=5)
+        assert msg.type == WSMsgType.CLOSE and msg.data == 1013
+        await idle[0].close()
+        for _ in range(50):  # the connection is given back when its handler returns
+            ws = await client.ws_connect("/api/v1/speak")
+            await ws.send_json({"type": "start", "voice": "anna"})
+            if (await recv_json(ws))["type"] == "ready":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("connection never freed")
 
 
 async def test_model_not_loaded_is_tts_unavailable_until_attached():
