@@ -13,6 +13,7 @@ differ only on mixed-case words (" iPhone").
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -109,3 +110,73 @@ class TextTokenizer:
     def role_ids(self) -> list[int]:
         """``<|im_start|>assistant\\n``: the three rows that open every prompt."""
         return self.encode("<|im_start|>assistant\n")
+
+
+class LiveText:
+    """Text that arrives in pieces, turned into ids only where more text can no longer change them.
+
+    The ids of the whole text are the official ``encode(TARGET_TEMPLATE.format(text))[3:-5]``;
+    this class hands them out as a growing prefix. After each piece the whole text so far is
+    normalised and encoded again (one Rust call; texts are bounded by the server's limits), and the
+    tokens that end before the *unstable tail* are committed. The tail starts at the earlier of:
+
+    - the last pre-token holding a non-space character: a split-regex match is decided by the text
+      up to the first non-space character after it (a whitespace run can still gain a newline that
+      re-splits it; letters, digits and punctuation runs stop at a character already present), so
+      every match before that pre-token is final, and it itself may still grow;
+    - the pre-token holding the last NFC starter (combining class 0): a combining mark sent later
+      may compose with that starter (``e`` + U+0301 is ``é``), never with an earlier one.
+
+    ``end`` commits the rest as ``target_ids`` of the whole text, so the final ids are exactly the
+    ids of the text sent whole; ``committed`` only ever grows.
+    """
+
+    _ROLE_TOKENS = 3  # <|im_start|> assistant \n: the official slice [3:] drops them
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.committed: list[int] = []
+        self.ended = False
+
+    def append(self, piece: str) -> list[int]:
+        """Add text; return the ids this piece made final (possibly none)."""
+        if self.ended:
+            raise TextError("the text has already ended")
+        text = self.text + piece
+        for token in self.tokenizer.special_tokens:
+            if token in text:  # checked on the whole text: a token may arrive split over pieces
+                raise TextError(f"text contains the reserved token {token!r}")
+        self.text = text
+        return self._commit(self._stable_ids())
+
+    def end(self) -> list[int]:
+        """No more text: commit everything; return the ids that were still pending."""
+        final = self.tokenizer.target_ids(self.text)  # raises TextError on an empty text
+        if final[:len(self.committed)] != self.committed:
+            raise AssertionError("live tokenisation committed ids the whole text does not have")
+        self.ended = True
+        return self._commit(final)
+
+    def _commit(self, ids: list[int]) -> list[int]:
+        new = ids[len(self.committed):]
+        self.committed.extend(new)
+        return new
+
+    def _stable_ids(self) -> list[int]:
+        tok = self.tokenizer._tok
+        head = "<|im_start|>"
+        segment = "assistant\n" + tok.normalizer.normalize_str(self.text)  # what the pre-tokenizer sees
+        pieces = tok.pre_tokenizer.pre_tokenize_str(segment)
+        starts = [start for _, (start, _) in pieces]
+        tail = len(segment)
+        for _, (start, end) in reversed(pieces):
+            if not segment[start:end].isspace():
+                tail = start
+                break
+        last_starter = next((i for i in range(len(segment) - 1, -1, -1) if not unicodedata.combining(segment[i])), 0)
+        tail = min(tail, max(s for s in starts if s <= last_starter))
+        encoding = tok.encode(head + segment, add_special_tokens=False)
+        limit = len(head) + tail
+        stable = [i for i, (_, end) in zip(encoding.ids, encoding.offsets, strict=True) if end <= limit]
+        return stable[self._ROLE_TOKENS:]
