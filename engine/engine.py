@@ -28,13 +28,14 @@ from engine.codec_stream import CodecStream
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.generate import default_max_frames
+from engine.live_prompt import LivePrompt
 from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
 from engine.prompt import PromptError, build_prompt
 from engine.request import RequestState, Status
 from engine.runner import FrameOutput, Runner
 from engine.scheduler import Plan, Scheduler
-from engine.text import TextError
+from engine.text import LiveText, TextError
 from engine.voice import VoicePrompt
 
 log = logging.getLogger("makima.engine")
@@ -163,6 +164,12 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._call(lambda: self._cancel(request_id))
 
+    def append_text(self, request_id: str, text: str) -> None:
+        self._call(lambda: self._live_text(request_id, text))
+
+    def end_text(self, request_id: str) -> None:
+        self._call(lambda: self._live_text(request_id, None))
+
     async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt:
         fut: Future = Future()
 
@@ -202,14 +209,25 @@ class Engine:
             if rid in self._states:
                 raise EngineError("DUPLICATE_ID", f"request id {rid!r} is already running")
             model = self.model
-            text_ids = model.tokenizer.target_ids(request.text)
-            prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids, request.voice,
-                                  request.language, request.non_streaming_text)
+            live_text = None
+            if request.live:
+                if request.non_streaming_text:
+                    raise EngineError("INVALID_REQUEST", "non-streaming text needs the whole text first; "
+                                                         "it cannot be live")
+                live_text = LiveText(model.tokenizer)
+                prompt = LivePrompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), request.voice,
+                                    request.language)
+                if request.text:
+                    prompt.extend(live_text.append(request.text))
+                cap = self.cfg.max_sequence_len  # set from the text when it ends (see engine/request.py)
+            else:
+                text_ids = model.tokenizer.target_ids(request.text)
+                prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids,
+                                      request.voice, request.language, request.non_streaming_text)
+                cap = self._frame_cap(request, len(text_ids))
             sampling = request.sampling or model.sampling()
             sampling.validate()
-            cap = default_max_frames(len(text_ids), model.cfg.generation.max_new_tokens,
-                                     self.cfg.frames_per_text_token, self.cfg.min_frame_cap)
-            max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.prefill.shape[0])
+            max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.length)
             if max_frames < 1:
                 raise EngineError("TEXT_TOO_LONG", "the prompt does not fit in a request's sequence limit")
         except (TextError, PromptError, ValueError) as e:
@@ -222,11 +240,35 @@ class Engine:
                                   error_code="SYNTHESIS_ERROR"))
             return
         state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
-                             max_frames=max_frames)
+                             max_frames=max_frames, live_text=live_text)
         self._states[rid] = state
         self._consumers[rid] = consumer
         self._codec_worker.submit(self.codec.open, rid, request.voice.ref_codes if request.voice.is_icl else None)
         self.scheduler.add(state)
+
+    def _frame_cap(self, request: Request, num_text_ids: int) -> int:
+        return default_max_frames(num_text_ids, self.model.cfg.generation.max_new_tokens,
+                                  self.cfg.frames_per_text_token, self.cfg.min_frame_cap)
+
+    def _live_text(self, request_id: str, piece: str | None) -> None:
+        """More text (``piece``) or the end of it (None) for a live request; bad text fails the request."""
+        state = self._states.get(request_id)
+        if state is None or state.live_text is None:
+            return  # finished or cancelled meanwhile (or not live): nothing to feed
+        prompt = state.prompt
+        try:
+            if piece is not None:
+                prompt.extend(state.live_text.append(piece))
+            else:
+                ids = state.live_text.end()
+                prompt.extend(ids)
+                prompt.end()
+                cap = self._frame_cap(state.request, len(state.live_text.committed))
+                state.max_frames = min(state.request.max_frames or cap, self.cfg.max_sequence_len - prompt.length)
+        except (TextError, PromptError) as e:
+            self._finish(state, StopReason.ERROR, str(e), "INVALID_REQUEST")
+            return
+        state.feed_text()
 
     def _cancel(self, request_id: str) -> None:
         state = self._states.get(request_id)

@@ -2,6 +2,14 @@
 
 States: WAITING (queued, or preempted and waiting to recompute) → PREFILL (prompt rows being
 written to the KV cache, possibly over several steps) → DECODE (one frame per step) → FINISHED.
+
+A live request (text still arriving) may lack the text of its next row: its prompt rows are
+known only up to the text that has come, and a frame's input row needs that frame's trailing
+text row. Until the row is known the request does not run (``rows_ready`` short of ``num_rows``
+in prefill, ``next_row`` None in decode) but keeps its KV blocks; ``feed_text`` fills in what
+newly arrived text made known. Its frame cap is set when the text ends: before that, every frame
+needs one more text id than the last, so it cannot get near the cap of the text so far
+(``min_frame_cap`` + 12 frames per id), and it stops exactly where the whole text would have.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import torch
 
 from engine.api import Priority, Request, StopReason
 from engine.block_manager import chain_hash
+from engine.live_prompt import LivePrompt
 from engine.prompt import Prompt
 from engine.sampling import SamplingParams
+from engine.text import LiveText
 
 
 class Status(enum.Enum):
@@ -30,9 +40,10 @@ class Status(enum.Enum):
 class RequestState:
     request: Request
     request_id: str
-    prompt: Prompt
+    prompt: Prompt | LivePrompt
     sampling: SamplingParams
     max_frames: int
+    live_text: LiveText | None = None  # a live request's text so far; None: the text came whole
     arrival: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     # Rows the talker must consume before the next frame can be sampled: the prompt at first; after a
@@ -49,6 +60,7 @@ class RequestState:
     frames_emitted: int = 0
     cancelled: bool = False
     preemptions: int = 0
+    unfed_frame: torch.Tensor | None = None  # F(last frame) while its trailing text row is unknown (live)
 
     def __post_init__(self) -> None:
         self.pending_rows = self.prompt.prefill
@@ -62,8 +74,19 @@ class RequestState:
 
     @property
     def num_rows(self) -> int:
-        """Rows this request occupies in the KV cache once pending rows are computed."""
+        """Rows this request occupies in the KV cache once pending rows are computed: the prompt, and
+        after a preemption the input row of every generated frame."""
+        return self.prompt.length + len(self.frames) if self.pending_rows is not None else 0
+
+    @property
+    def rows_ready(self) -> int:
+        """Pending rows known now; short of ``num_rows`` only while a live request waits for text."""
         return self.pending_rows.shape[0] if self.pending_rows is not None else 0
+
+    @property
+    def may_decode(self) -> bool:
+        """The next decode step's input is known (a live request may still wait for its text row)."""
+        return self.next_row is not None
 
     @property
     def history(self) -> list[int]:
@@ -83,9 +106,28 @@ class RequestState:
             hashes.append(h)
         return hashes
 
-    def trailing_row(self, frame_index: int) -> torch.Tensor:
-        p = self.prompt
-        return p.trailing[frame_index] if frame_index < p.trailing.shape[0] else p.pad
+    def add_frame(self, frame: list[int], embedding: torch.Tensor) -> None:
+        """A frame was sampled; ``embedding`` is F(frame), its input row once its text row is added."""
+        self.frames.append(frame)
+        self.next_row = self.pending_rows = None
+        self.unfed_frame = embedding
+        self.feed_text()
+
+    def feed_text(self) -> None:
+        """Write the rows that known text now allows: more prompt rows, or the last frame's input row."""
+        if self.pending_rows is not None and not self.frames:
+            self.pending_rows = self.prompt.prefill  # a live prompt grows as its text arrives
+        if self.unfed_frame is None:
+            return
+        text = self.prompt.trailing_row(len(self.frames) - 1)
+        if text is None:
+            return
+        row, self.unfed_frame = self.unfed_frame + text, None
+        self.frame_rows.append(row)
+        if self.pending_rows is None:
+            self.next_row = row
+        else:  # preempted while waiting for this row: it is the last row to recompute
+            self.pending_rows = torch.cat([self.pending_rows, row[None]])
 
     def preempt(self) -> None:
         """Drop the KV cache; recompute prompt + generated frames when readmitted."""

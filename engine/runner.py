@@ -135,12 +135,10 @@ class Runner:
         self._sync()
         self.timings["predictor_s"] += time.perf_counter() - t1
         frames = torch.cat([c0[:, None], codes], dim=1)  # [B, 16]
-        # The next talker input of each request: its frame's embedding plus its text row for that frame.
-        rows = self.talker.embed_frames(frames) + torch.stack([st.trailing_row(len(st.frames)) for st in keep_states])
-        for st, frame, row in zip(keep_states, frames.tolist(), rows, strict=True):
-            st.frames.append(frame)
-            st.frame_rows.append(row)
-            st.next_row, st.pending_rows = row, None
+        # The next talker input of each request is its frame's embedding plus its text row for that frame
+        # (added by the request, since a live text may not have that row yet).
+        for st, frame, embedding in zip(keep_states, frames.tolist(), self.talker.embed_frames(frames), strict=True):
+            st.add_frame(frame, embedding)
             outputs.append(FrameOutput(st, frame, last=len(st.frames) >= st.max_frames))
         return outputs
 

@@ -71,7 +71,9 @@ class Scheduler:
         """``paused``: requests whose consumer is behind; they keep their blocks but skip this step."""
         plan = Plan()
         # 1. decodes, oldest first so preemption hits the newest
-        decoding = [r for r in self.running if r.status == Status.DECODE and r.request_id not in paused]
+        # A live request waiting for its next text row is skipped like a paused one: it keeps its blocks.
+        decoding = [r for r in self.running if r.status == Status.DECODE and r.request_id not in paused
+                    and r.may_decode]
         for state in sorted(decoding, key=lambda r: r.arrival):
             if state not in self.running:
                 continue  # preempted while making room for an older request
@@ -94,7 +96,9 @@ class Scheduler:
         for state in [r for r in self.running if r.status == Status.PREFILL]:
             if budget <= 0:
                 break
-            n = min(budget, state.num_rows - state.num_computed)
+            n = min(budget, state.rows_ready - state.num_computed)
+            if n <= 0:
+                continue  # a live prompt waiting for text
             plan.prefills.append(ScheduledRequest(state, n, state.num_computed))
             budget -= n
         self.waiting.sort(key=lambda r: (r.priority, r.arrival))
@@ -109,7 +113,8 @@ class Scheduler:
             state.num_computed = cached
             state.status = Status.PREFILL
             self.running.append(state)
-            n = min(budget, state.num_rows - cached)
-            plan.prefills.append(ScheduledRequest(state, n, cached))
-            budget -= n
+            n = min(budget, state.rows_ready - cached)
+            if n > 0:  # a readmitted live request may still wait for text; it holds its blocks meanwhile
+                plan.prefills.append(ScheduledRequest(state, n, cached))
+                budget -= n
         return plan
