@@ -378,16 +378,23 @@ class Engine:
                 self.scheduler.remove(out.state)  # retired: blocks free now, Finished after its audio
                 out.state.status = Status.FINISHED
         rids = {rid for rid, _ in frames} | finals
-        self._codec_job = (self._codec_worker.submit(self._codec_step, frames, finals), done, rids)
+        flush = set(finals)
+        if self.cfg.deadline_flush:
+            # A live request whose last frame waits for its text: send what it has now rather than hold
+            # it for a full chunk while nobody knows when the text comes (a deadline flush: timing moves
+            # chunk seams, so the audio is equal to the unflushed one to codec rounding, the codes bitwise).
+            flush |= {out.state.request_id for out in outputs if out.frame is not None and not out.last
+                      and not out.state.may_decode}
+        self._codec_job = (self._codec_worker.submit(self._codec_step, frames, flush), done, rids)
 
-    def _codec_step(self, frames: list[tuple[str, list[int]]], finals: set[str]) -> None:
+    def _codec_step(self, frames: list[tuple[str, list[int]]], flush: set[str]) -> None:
         """On the codec worker: push a step's frames, decode the due chunks and hand them to their
         consumers at once (the consumer queue is thread-safe); Finished follows from the engine
         thread once this job is complete, so it always comes after the last chunk."""
         t0 = time.perf_counter()
         for rid, frame in frames:
             self.codec.push(rid, frame)
-        for chunk in self.codec.collect(finals):
+        for chunk in self.codec.collect(flush):  # finished requests, and live ones waiting for text
             state, consumer = self._states.get(chunk.request_id), self._consumers.get(chunk.request_id)
             if state is None or consumer is None:
                 continue  # cancelled meanwhile

@@ -150,6 +150,9 @@ class Session:
         if self.live is not None:
             raise P.ProtocolError(P.INVALID_MESSAGE, f"live utterance {self.live.id!r} is still open; send end first",
                                   id)
+        if self.start.non_streaming_text:
+            raise P.ProtocolError(P.INVALID_MESSAGE, "this session has non_streaming_text, which needs the whole "
+                                                     "text first; live utterances need streaming text", id)
         self.live = self.enqueue(id, msg.text, LiveUtterance(msg.text, self.settings.max_text_chars))
 
     async def on_live_append(self, msg: P.Append) -> None:

@@ -192,3 +192,33 @@ def test_a_live_prompt_fed_in_pieces_builds_the_whole_prompt_bitwise(tiny_model,
     assert torch.equal(got.prefill, want.prefill)
     for g in range(len(ids) + 3):
         assert torch.equal(got.trailing_row(g), want.trailing_row(g)), g
+
+
+def test_with_the_deadline_flush_a_waiting_request_has_sent_every_frame_it_made(tiny_model, voices):
+    eng = Engine(tiny_model, EngineConfig(num_kv_blocks=64, chunk_frames=(1, 2, 4, 8, 12), deadline_flush=True))
+    rid, got = "flushed", []
+
+    async def main():
+        req = request(tiny_model, voices["xvec"], rid, text=TEXT[:TEXT.index("how")], live=True)
+
+        async def consume():
+            async for item in eng.submit(req):
+                got.append(item)
+
+        task = asyncio.ensure_future(consume())
+        deadline = time.perf_counter() + 60
+        while rid not in eng._states or eng._states[rid].unfed_frame is None:
+            assert time.perf_counter() < deadline, "the request never waited for its text"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the flush rides on the step that found the text missing, plus one codec job
+        made = len(eng._states[rid].frames)
+        sent = sum(c.num_frames for c in got if isinstance(c, AudioChunk))
+        eng.end_text(rid)
+        await asyncio.wait_for(task, 120)
+        return made, sent
+
+    try:
+        made, sent = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert made > 4 and sent == made  # chunks of 8 and 12 would hold up to 11 frames back

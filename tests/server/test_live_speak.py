@@ -93,3 +93,6 @@ async def test_live_errors_are_coded():
         await ws.send_json({"type": "end"})
         _, done, _ = await collect_utterance(ws)  # its text is empty: the engine's coded error
         assert done["type"] == "error" and done["id"] == "L" and done["code"] == "INVALID_MESSAGE"
+        ws2, _ = await start(client, non_streaming_text=True)
+        await ws2.send_json({"type": "speak", "live": True})
+        assert "non_streaming_text" in (await recv_json(ws2))["message"]
