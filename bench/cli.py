@@ -81,7 +81,16 @@ THREADS_HELP = "torch CPU threads (default 1, as the engine; 0: torch's choice)"
 def _add_engine(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("engine", help="the engine offline: per-step split, frames/s against batch size, peak memory")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--sessions", type=_ints, default=[1, 2, 4, 8], help="concurrencies (default: 1,2,4,8)")
+    p.add_argument("--sessions", type=_ints, help="concurrencies that start together (default: 1,2,4,8, or none "
+                   "when an arrivals mode is given)")
+    p.add_argument("--closed-loop", type=_ints, default=[], metavar="N,...",
+                   help="arrivals mode: N staggered sessions, each speaking --utterances utterances of mixed length")
+    p.add_argument("--rate", type=_floats, default=[], metavar="R,...",
+                   help="arrivals mode: open-loop Poisson arrivals, R utterances per second for --duration seconds")
+    p.add_argument("--utterances", type=int, default=3, help="closed loop: utterances per session (default: 3)")
+    p.add_argument("--stagger-ms", type=float, default=50.0, help="closed loop: start offset between sessions "
+                   "(default: %(default)s)")
+    p.add_argument("--duration", type=float, default=10.0, help="open loop: seconds of arrivals (default: %(default)s)")
     p.add_argument("--frames", type=int, default=16, help="frames each session generates (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run every step eagerly (to compare)")
@@ -193,8 +202,11 @@ def _engine(args: argparse.Namespace) -> int:
     from bench import engine_steps
     from bench.report import engine_markdown, provenance, write_report
 
-    report = engine_steps.measure(args.model, args.sessions, args.frames, args.device, args.threads,
-                                  cuda_graphs=not args.no_cuda_graphs)
+    sessions = args.sessions if args.sessions is not None else ([] if args.closed_loop or args.rate else [1, 2, 4, 8])
+    report = engine_steps.measure(args.model, sessions, args.frames, args.device, args.threads,
+                                  cuda_graphs=not args.no_cuda_graphs, closed=args.closed_loop, rates=args.rate,
+                                  utterances=args.utterances, stagger_s=args.stagger_ms / 1000,
+                                  duration_s=args.duration)
     report.update(bench="engine", provenance=provenance(args.note))
     markdown = engine_markdown(report)
     paths = write_report(args.out, "engine", report, markdown)

@@ -277,9 +277,24 @@ def engine_markdown(report: dict) -> str:
         rows.append([r["sessions"], r["frames"], f"{r['frames_per_s']:.1f}", f"{r['frames_per_s'] / base:.2f}",
                      f"{r['frames_per_s'] * FRAME_S:.2f}", f"{1000 * r['decode_step_s']:.1f}",
                      f"{1000 * r['ttfa_s']['min']:.0f}–{1000 * r['ttfa_s']['max']:.0f}", share,
-                     f"{100 * r['scheduler_overhead']:.1f}"])
-    table = md_table(["sessions", "frames (all)", "frames/s", "× of first", "audio s/s", "talker step ms", "TTFA ms",
-                      "prefill / talker / predictor / sample / codec %", "scheduler %"], rows)
+                     f"{100 * r['scheduler_overhead']:.1f}", *_counter_cells(r.get("counters"))])
+    tables = []
+    if rows:
+        tables.append(md_table(["sessions", "frames (all)", "frames/s", "× of first", "audio s/s", "talker step ms",
+                                "TTFA ms", "prefill / talker / predictor / sample / codec %", "scheduler %",
+                                *COUNTER_COLUMNS], rows))
+    arrivals = report.get("arrivals") or []
+    if arrivals:
+        setup = report.get("arrivals_setup", {})
+        rows = [[("closed loop, sessions" if a["mode"] == "closed" else "open loop, /s") + f" {a['level']:g}",
+                 a["utterances"], a["frames"], f"{a['frames_per_s']:.1f}", f"{a['frames_per_s'] * FRAME_S:.2f}",
+                 None if a["ttfa_s"] is None else f"{1000 * a['ttfa_s']['p50']:.0f} / {1000 * a['ttfa_s']['p95']:.0f}",
+                 a["errors"], *_counter_cells(a["counters"])] for a in arrivals]
+        tables.append(f"Arrivals (closed loop: {setup.get('utterances_per_session')} utterances per session, "
+                      f"sessions {1000 * setup.get('stagger_s', 0):.0f} ms apart; open loop: Poisson for "
+                      f"{setup.get('duration_s')} s; lengths mixed ½×, 1×, 2× the frame count):")
+        tables.append(md_table(["run", "utterances", "frames", "frames/s", "audio s/s", "TTFA p50 / p95 ms", "errors",
+                                *COUNTER_COLUMNS], rows))
     mem = f"peak RSS {report['peak_rss_gb']:.2f} GB"
     if "cuda_max_allocated_gb" in report:
         mem += f", CUDA max allocated {report['cuda_max_allocated_gb']:.2f} GB"
@@ -293,7 +308,19 @@ def engine_markdown(report: dict) -> str:
              ("memory", mem)]
     note = ("TTFA here is inside the engine (submit → first audio chunk), without the server or network. "
             "The split is the share of model time per stage.")
-    return "\n\n".join([md_header("`bench engine`", report["provenance"], facts), table, note])
+    return "\n\n".join([md_header("`bench engine`", report["provenance"], facts), *tables, note])
+
+
+COUNTER_COLUMNS = ["steps", "decode rows static / eager", "static %", "prefill rows", "host syncs / step"]
+
+
+def _counter_cells(c: dict | None) -> list[object]:
+    """The engine counters of one run (reports written before they existed have none)."""
+    if not c:
+        return [None] * len(COUNTER_COLUMNS)
+    static, eager, steps = c["decode_rows{path=static}"], c["decode_rows{path=eager}"], c["engine_steps"]
+    share = f"{100 * static / (static + eager):.2f}" if static + eager else None
+    return [steps, f"{static} / {eager}", share, c["prefill_rows"], f"{c['host_syncs'] / steps:.2f}" if steps else None]
 
 
 def compare_markdown(report: dict) -> str:

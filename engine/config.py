@@ -376,7 +376,12 @@ class EngineConfig:
     # loading, at most 16 GB (~145k positions in bf16: 128 sessions of a minute of audio each).
     kv_cache_gb: float | None = None
     max_running: int = 64  # sessions decoded together in one step
-    max_batched_tokens: int = 512  # token budget per step: decodes first, then prefill chunks
+    # Token budget per step: decodes first (one row each, at most max_running), then prefill chunks. Why
+    # 512: a talker forward reads every weight once, and in bf16 each row adds 1 FLOP per weight byte, so
+    # up to the GPU's ridge point (~200-300 FLOP/byte on an H100/H200) extra rows are almost free; 512 rows
+    # keeps a step with a prefill chunk within ~2x a decode-only step, so running streams never wait on a
+    # long prompt, while a typical prompt (60-300 rows) still goes in in one step.
+    max_batched_tokens: int = 512
     # Chunk schedule in frames (80 ms each): small first chunks for time to first audio, larger ones
     # later so that per-chunk overhead stays low; the last entry repeats. A stream whose listener would
     # run dry before its next full chunk gets what is ready early (engine/codec_stream.py).
@@ -388,6 +393,7 @@ class EngineConfig:
     frames_per_text_token: int = 12  # runaway guard: cap = min_frame_cap + this x text tokens
     min_frame_cap: int = 40
     max_sequence_len: int = 8192  # prompt + frames a request may occupy in the KV cache
-    # On CUDA, replay decode steps of up to max_running sessions from CUDA graphs (engine/cuda_graphs.py);
-    # off for debugging or to measure what the graphs buy. Ignored on CPU, which runs eagerly.
+    # Decode rows run through the fixed-shape function of their batch bucket (engine/cuda_graphs.py), on
+    # CUDA replayed from CUDA graphs; off, the same functions run at the exact row count, uncaptured: for
+    # debugging or to measure what the graphs buy (counted as decode_rows{path=eager}).
     cuda_graphs: bool = True

@@ -26,15 +26,14 @@ from engine.api import AudioChunk, EngineError, EngineStats, Finished, Request, 
 from engine.block_manager import BlockManager
 from engine.codec_stream import CodecStream
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
 from engine.generate import default_max_frames
 from engine.live_prompt import LivePrompt
 from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
 from engine.prompt import PromptError, build_prompt
 from engine.request import RequestState, Status
-from engine.runner import FrameOutput, Runner
-from engine.scheduler import Plan, Scheduler
+from engine.runner import Runner
+from engine.scheduler import Emitted, Plan, Scheduler
 from engine.text import LiveText, TextError
 from engine.voice import VoicePrompt
 
@@ -72,10 +71,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, self.cfg.block_size)
         self.kv = PagedKVCache(talker_cfg, num_blocks, self.cfg.block_size, model.dtype, model.device)
         self.scheduler = Scheduler(self.cfg, self.blocks)
-        graphs = None
-        if model.device.type == "cuda" and self.cfg.cuda_graphs:
-            graphs = DecodeGraphs(model.tts.talker, self.kv, self.cfg.max_running, self.cfg.max_sequence_len)
-        self.runner = Runner(model.tts.talker, self.kv, self.blocks, graphs)
+        self.runner = Runner(model.tts.talker, self.kv, self.blocks, self.cfg.max_running, self.cfg.max_sequence_len,
+                             self.cfg.max_batched_tokens, static_graphs=self.cfg.cuda_graphs)
         self.codec = CodecStream(model.speech_tokenizer, self.cfg.chunk_frames,
                                  model.cfg.speech_tokenizer.samples_per_frame, deadline_flush=self.cfg.deadline_flush)
         # The codec stage runs on its own thread, one step behind the model: while it decodes
@@ -190,7 +187,7 @@ class Engine:
                            extra={**self._step_times, **self.runner.timings,
                                   "preemptions": self.scheduler.preemptions,
                                   "prefix_rows_reused": self.scheduler.prefix_rows_reused},
-                           counters={"engine_steps": self._step_times["steps"]})
+                           counters={"engine_steps": self._step_times["steps"], **self.runner.counters})
 
     def shutdown(self) -> None:
         self._stop = True
@@ -255,20 +252,17 @@ class Engine:
         state = self._states.get(request_id)
         if state is None or state.live_text is None:
             return  # finished or cancelled meanwhile (or not live): nothing to feed
-        prompt = state.prompt
+        max_frames = None
         try:
             if piece is not None:
-                prompt.extend(state.live_text.append(piece))
+                ids = state.live_text.append(piece)
             else:
                 ids = state.live_text.end()
-                prompt.extend(ids)
-                prompt.end()
                 cap = self._frame_cap(state.request, len(state.live_text.committed))
-                state.max_frames = min(state.request.max_frames or cap, self.cfg.max_sequence_len - prompt.length)
+                max_frames = min(state.request.max_frames or cap, self.cfg.max_sequence_len - state.prompt.length)
+            self.scheduler.add_text(state, ids, max_frames)
         except (TextError, PromptError) as e:
             self._finish(state, StopReason.ERROR, str(e), "INVALID_REQUEST")
-            return
-        state.feed_text()
 
     def _cancel(self, request_id: str) -> None:
         state = self._states.get(request_id)
@@ -278,9 +272,8 @@ class Engine:
     def _finish(self, state: RequestState, reason: StopReason, error: str | None = None,
                 error_code: str | None = None) -> None:
         rid = state.request_id
-        self.scheduler.remove(state)  # frees the KV blocks now
+        self.scheduler.retire(state)  # frees the KV blocks now
         self._codec_worker.submit(self.codec.close, rid)
-        state.status, state.stop_reason = Status.FINISHED, reason
         self._states.pop(rid, None)
         consumer = self._consumers.pop(rid, None)
         if consumer is not None:
@@ -329,10 +322,10 @@ class Engine:
             self._wake.clear()
             return
         try:
-            outputs = self.runner.step(plan)
+            emitted = self.scheduler.update_from_output(plan, self.runner.step(plan))
         except Exception:  # a failed step fails the request that caused it, never its batchmates
             log.exception("engine step failed; retrying its requests one by one")
-            outputs = self._step_one_by_one(plan)
+            emitted = self._step_one_by_one(plan)
         t2 = time.perf_counter()
         st = self._step_times
         st["steps"] += 1
@@ -340,51 +333,37 @@ class Engine:
         st["step_s"] += t2 - t1
         if self._codec_job is not None:
             self._complete_codec_job()  # step N-1's audio, decoded while step N ran
-        self._hand_to_codec(plan, outputs)
+        self._hand_to_codec(emitted)
 
-    def _step_one_by_one(self, plan: Plan) -> list[FrameOutput]:
+    def _step_one_by_one(self, plan: Plan) -> list[Emitted]:
         """After a failed batched step: run each request alone; those that still fail are finished
         with SYNTHESIS_ERROR, the others go on as if nothing happened."""
-        outputs: list[FrameOutput] = []
+        emitted: list[Emitted] = []
         singles = [Plan(decodes=[it]) for it in plan.decodes] + [Plan(prefills=[it]) for it in plan.prefills]
         for single in singles:
             try:
-                outputs += self.runner.step(single)
+                emitted += self.scheduler.update_from_output(single, self.runner.step(single))
             except Exception as e:
                 state = (single.decodes + single.prefills)[0].state
                 log.error("request %s failed alone: %s: %s", state.request_id, type(e).__name__, e)
                 self._finish(state, StopReason.ERROR, f"{type(e).__name__}: {e}", "SYNTHESIS_ERROR")
-        return outputs
+        return emitted
 
-    def _hand_to_codec(self, plan: Plan, outputs: list[FrameOutput]) -> None:
-        """After a step: mark completed prefills, retire finished requests (their KV blocks are freed
-        now, before the next step), and queue the step's frames for the codec worker."""
-        for it in plan.prefills:
-            st = it.state
-            if st.num_computed >= st.num_rows and st.status == Status.PREFILL:
-                self.blocks.commit_prefix(st.request_id)
-                st.status = Status.DECODE
-        frames: list[tuple[str, list[int]]] = []
-        finals: set[str] = set()
-        done: list[tuple[RequestState, StopReason]] = []
-        for out in outputs:
-            rid = out.state.request_id
-            if out.frame is not None:
-                frames.append((rid, out.frame))
-                self._frames_generated += 1
-            if out.last:
-                finals.add(rid)
-                done.append((out.state, StopReason.EOS if out.frame is None else StopReason.MAX_FRAMES))
-                self.scheduler.remove(out.state)  # retired: blocks free now, Finished after its audio
-                out.state.status = Status.FINISHED
+    def _hand_to_codec(self, emitted: list[Emitted]) -> None:
+        """Queue a step's frames for the codec worker. (The scheduler has already retired the requests
+        that ended: their blocks are free; their Finished follows their audio.)"""
+        frames = [(e.state.request_id, e.frame) for e in emitted if e.frame is not None]
+        self._frames_generated += len(frames)
+        done = [(e.state, e.finished) for e in emitted if e.finished is not None]
+        finals = {state.request_id for state, _ in done}
         rids = {rid for rid, _ in frames} | finals
         flush = set(finals)
         if self.cfg.deadline_flush:
-            # A live request whose last frame waits for its text: send what it has now rather than hold
+            # A live request whose next frame waits for its text: send what it has now rather than hold
             # it for a full chunk while nobody knows when the text comes (a deadline flush: timing moves
             # chunk seams, so the audio is equal to the unflushed one to codec rounding, the codes bitwise).
-            flush |= {out.state.request_id for out in outputs if out.frame is not None and not out.last
-                      and not out.state.may_decode}
+            flush |= {e.state.request_id for e in emitted if e.frame is not None and e.finished is None
+                      and not e.state.may_sample}
         self._codec_job = (self._codec_worker.submit(self._codec_step, frames, flush), done, rids)
 
     def _codec_step(self, frames: list[tuple[str, list[int]]], flush: set[str]) -> None:

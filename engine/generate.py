@@ -4,7 +4,10 @@ Per frame: codebook-0 logits from the talker's last hidden state → processed a
 on EOS → the code predictor fills codebooks 1..15 from a fresh cache → the next talker input is
 the sum of the frame's 16 code embeddings plus the next trailing text row (or ``tts_pad``).
 
-This path is the oracle for the serving engine: simple, batch 1, no paging.
+This path is the oracle for the serving engine: simple, batch 1, no paging, and its seeded draws
+follow the official code's generator order (engine/sampling.py), which the engine's keyed device
+sampler (engine/device_sampling.py) does not: the engine's greedy codes equal this path's, its
+seeded codes do not. The engine's one decode loop is engine/runner.py + engine/cuda_graphs.py.
 """
 
 from __future__ import annotations

@@ -4,24 +4,26 @@ States: WAITING (queued, or preempted and waiting to recompute) → PREFILL (pro
 written to the KV cache, possibly over several steps) → DECODE (one frame per step) → FINISHED.
 
 A live request (text still arriving) may lack the text of its next row: its prompt rows are
-known only up to the text that has come, and a frame's input row needs that frame's trailing
-text row. Until the row is known the request does not run (``rows_ready`` short of ``num_rows``
-in prefill, ``next_row`` None in decode) but keeps its KV blocks; ``feed_text`` fills in what
-newly arrived text made known. Its frame cap is set when the text ends: before that, every frame
-needs one more text id than the last, so it cannot get near the cap of the text so far
-(``min_frame_cap`` + 12 frames per id), and it stops exactly where the whole text would have.
+known only up to the text that has come, and a frame is sampled only once the text row that
+joins its input is known (the step builds the next input with the frame). Until then the
+request does not run (``rows_ready`` short of ``num_rows`` in prefill, ``may_sample`` false in
+decode) but keeps its KV blocks; ``feed_text`` adds the prompt rows newly arrived text made
+known. Its frame cap is set when the text ends: before that, every frame needs one more text id
+than the last, so it cannot get near the cap of the text so far (``min_frame_cap`` + 12 frames
+per id), and it stops exactly where the whole text would have.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.api import Priority, Request, StopReason
+from engine.api import Priority, Request
 from engine.block_manager import chain_hash
 from engine.live_prompt import LivePrompt
 from engine.prompt import Prompt
@@ -52,21 +54,18 @@ class RequestState:
     num_computed: int = 0  # rows of pending_rows already in the KV cache
     frames: list[list[int]] = field(default_factory=list)
     frame_rows: list[torch.Tensor] = field(default_factory=list)  # talker input row of each generated frame
-    next_row: torch.Tensor | None = None  # the input that follows the last frame (decode step input)
-    generator: torch.Generator | None = None
-    stop_reason: StopReason | None = None
-    error: str | None = None
+    # The key of every draw (engine/device_sampling.py): the request's seed, or one drawn at admission, so
+    # a request readmitted after a preemption continues the same stream.
+    seed: int = 0
     first_chunk_at: float | None = None
-    frames_emitted: int = 0
-    cancelled: bool = False
     preemptions: int = 0
-    unfed_frame: torch.Tensor | None = None  # F(last frame) while its trailing text row is unknown (live)
+    # The request's row in the step's persistent buffers while it runs (PREFILL or DECODE), given by the
+    # scheduler at admission and taken back when it leaves; a decode step runs rows 0..bucket-1.
+    slot: int | None = None
 
     def __post_init__(self) -> None:
         self.pending_rows = self.prompt.prefill
-        p = self.sampling
-        if p.seed is not None and (p.do_sample or p.subtalker_do_sample):
-            self.generator = torch.Generator(device=self.prompt.prefill.device).manual_seed(p.seed)
+        self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(64)
 
     @property
     def priority(self) -> Priority:
@@ -79,14 +78,18 @@ class RequestState:
         return self.prompt.length + len(self.frames) if self.pending_rows is not None else 0
 
     @property
-    def rows_ready(self) -> int:
-        """Pending rows known now; short of ``num_rows`` only while a live request waits for text."""
-        return self.pending_rows.shape[0] if self.pending_rows is not None else 0
+    def may_sample(self) -> bool:
+        """The text row that joins the next frame's input is known (a live request may wait for it)."""
+        return self.prompt.trailing_row(len(self.frames)) is not None
 
     @property
-    def may_decode(self) -> bool:
-        """The next decode step's input is known (a live request may still wait for its text row)."""
-        return self.next_row is not None
+    def rows_ready(self) -> int:
+        """Pending rows that may run now; short of ``num_rows`` only while a live request waits for text:
+        rows not known yet, and the last row while the frame it samples has no text row yet."""
+        if self.pending_rows is None:
+            return 0
+        known = self.pending_rows.shape[0]
+        return known - 1 if known == self.num_rows and not self.may_sample else known
 
     @property
     def history(self) -> list[int]:
@@ -106,28 +109,15 @@ class RequestState:
             hashes.append(h)
         return hashes
 
-    def add_frame(self, frame: list[int], embedding: torch.Tensor) -> None:
-        """A frame was sampled; ``embedding`` is F(frame), its input row once its text row is added."""
-        self.frames.append(frame)
-        self.next_row = self.pending_rows = None
-        self.unfed_frame = embedding
-        self.feed_text()
+    def trailing_row(self, frame_index: int) -> torch.Tensor:
+        row = self.prompt.trailing_row(frame_index)
+        assert row is not None, "a frame was sampled before its text row was known"  # may_sample guards it
+        return row
 
     def feed_text(self) -> None:
-        """Write the rows that known text now allows: more prompt rows, or the last frame's input row."""
+        """New text arrived: a live prompt that is still being written gains the rows it now knows."""
         if self.pending_rows is not None and not self.frames:
-            self.pending_rows = self.prompt.prefill  # a live prompt grows as its text arrives
-        if self.unfed_frame is None:
-            return
-        text = self.prompt.trailing_row(len(self.frames) - 1)
-        if text is None:
-            return
-        row, self.unfed_frame = self.unfed_frame + text, None
-        self.frame_rows.append(row)
-        if self.pending_rows is None:
-            self.next_row = row
-        else:  # preempted while waiting for this row: it is the last row to recompute
-            self.pending_rows = torch.cat([self.pending_rows, row[None]])
+            self.pending_rows = self.prompt.prefill
 
     def preempt(self) -> None:
         """Drop the KV cache; recompute prompt + generated frames when readmitted."""
@@ -135,5 +125,4 @@ class RequestState:
         rows = [self.prompt.prefill, *[r[None] for r in self.frame_rows]]
         self.pending_rows = torch.cat(rows)
         self.num_computed = 0
-        self.next_row = None
         self.status = Status.WAITING

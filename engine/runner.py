@@ -1,165 +1,173 @@
-"""Runs one scheduled step on the device: a batched talker forward over paged KV, codebook-0
-sampling per request, and the code predictor's 15 sub-steps batched across every request that
-produced a frame this step.
+"""Runs one scheduled step on the device and reports what it computed; it changes no request (the
+scheduler applies the ``StepOutput``: ``Scheduler.update_from_output``).
 
-Batch invariance: every request samples from its own generator in a fixed order (talker draw,
-then 15 predictor draws), so its codes do not depend on who else is in the batch.
+A step has two parts:
+- the **prefill part**, when the plan has prompt chunks: one eager forward over every chunk's rows
+  (paged attention over each request's cache). A request whose last prompt row went in leaves its
+  hidden state in its slot, to sample its first frame below;
+- the **decode part**, always through the fixed-shape functions of the step's batch bucket
+  (engine/cuda_graphs.py, replayed from CUDA graphs on CUDA): the talker's forward for every decoding
+  slot's one new row, then a frame for every slot that samples one (decodes and finished prefills).
+A prefill never turns the decode rows eager: it only runs beside them.
+
+Sampling runs inside the decode part, on the device (engine/device_sampling.py): per-slot parameters
+and repetition masks, and noise keyed by (request seed, frame, codebook), so a request's draws do not
+depend on its batch neighbours, and the step's only device→host copy is the codes at its end. The
+draws do not equal the official code's token for token (greedy ones do); engine/generate.py keeps
+the official draw order as the single-request reference.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.block_manager import BlockManager
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import StaticDecode
+from engine.device_sampling import RowSampling, TalkerVocab, reset_seen_row, sample_predictor, sample_talker
 from engine.models.talker import Talker
 from engine.paged_context import PagedContext, PagedKVCache
 from engine.request import RequestState
-from engine.sampling import TalkerLogitsProcessor, draw_rows, predictor_rule, talker_rule
-from engine.scheduler import Plan
-
-
-@dataclass
-class FrameOutput:
-    state: RequestState
-    frame: list[int] | None  # None: the request sampled EOS
-    last: bool  # no further frame will follow (EOS or the frame cap)
+from engine.scheduler import Plan, ScheduledRequest, StepOutput
+from engine.step_buffers import StepBuffers
 
 
 class Runner:
-    def __init__(self, talker: Talker, kv: PagedKVCache, blocks: BlockManager,
-                 graphs: DecodeGraphs | None = None) -> None:
-        self.talker, self.kv, self.blocks, self.graphs = talker, kv, blocks, graphs
+    def __init__(self, talker: Talker, kv: PagedKVCache, blocks: BlockManager, max_running: int,
+                 max_sequence_len: int, max_batched_tokens: int, static_graphs: bool = True) -> None:
+        """``static_graphs``: decode rows run in their bucket (replayed from CUDA graphs on CUDA); off, the
+        same functions run at the exact row count, uncaptured (the eager baseline)."""
+        self.talker, self.kv, self.blocks = talker, kv, blocks
         tcfg = talker.cfg
-        self.process = TalkerLogitsProcessor(tcfg.transformer.vocab_size, tcfg.codec.eos)
         self.eos = tcfg.codec.eos
         self.device = talker.codec_head.weight.device
-        self.rope = talker.model.rope
-        # Cumulative seconds per phase (what `bench engine` reports as the step split).
+        width = -(-max_sequence_len // kv.block_size)
+        vocab = tcfg.transformer.vocab_size
+        self.buf = StepBuffers(max_running, tcfg.transformer.hidden_size, tcfg.num_code_groups, vocab, width,
+                               max_batched_tokens, talker.model.norm.weight.dtype, self.device)
+        self.sampling = RowSampling.allocate(max_running, self.device)
+        self.vocab = TalkerVocab.build(vocab, self.eos, self.device)
+        self.decode = StaticDecode(talker, kv, self.buf, self._draw_talker, self._draw_predictor,
+                                   bucketed=static_graphs, capture_frame=True)
+        self.path = "static" if static_graphs else "eager"
+        # Cumulative seconds per phase (what `bench engine` reports as the step split). On CUDA only the
+        # codes copy waits for the device, so there the frame phase carries the time of the whole step.
         self.timings = {"prefill_s": 0.0, "talker_s": 0.0, "predictor_s": 0.0, "sample_s": 0.0}
-
-    # ---- talker ------------------------------------------------------------------------------
-    def _talker_batch(self, plan: Plan) -> tuple[torch.Tensor, PagedContext]:
-        rows, positions, slots, tables, ctx_lens, q_lens = [], [], [], [], [], []
-        bs = self.kv.block_size
-        for it in plan.decodes:
-            rows.append(it.state.next_row[None])
-        for it in plan.prefills:
-            rows.append(it.state.pending_rows[it.state.num_computed:it.state.num_computed + it.num_rows])
-        for it in plan.decodes + plan.prefills:
-            st = it.state
-            table = self.blocks.table(st.request_id).blocks
-            pos = torch.arange(it.start, it.start + it.num_rows)
-            positions.append(pos)
-            blocks = torch.tensor(table, dtype=torch.long)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-            tables.append(table)
-            ctx_lens.append(it.start + it.num_rows)
-            q_lens.append(it.num_rows)
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        positions_t = torch.cat(positions)
-        ctx = PagedContext(
-            cache=self.kv, cos_sin=self.rope.get(int(max(ctx_lens)), self.device),
-            eps=self.talker.cfg.transformer.rms_norm_eps, positions=positions_t.to(self.device),
-            slot_mapping=torch.cat(slots).to(self.device), block_tables=block_tables.to(self.device),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=None if not plan.prefills else torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()],
-                                                                dtype=torch.int32, device=self.device))
-        return torch.cat(rows), ctx
+        self.counters = {"decode_rows{path=static}": 0, "decode_rows{path=eager}": 0, "prefill_rows": 0,
+                         "host_syncs": 0}
 
     @torch.inference_mode()
-    def step(self, plan: Plan) -> list[FrameOutput]:
-        items = plan.decodes + plan.prefills
-        t0 = time.perf_counter()
-        x, ctx = self._talker_batch(plan)
-        if self.graphs is not None and not plan.prefills and self.graphs.fits(len(plan.decodes)):
-            hidden = self.graphs.talker_decode(x, ctx)
-        else:
-            hidden = self.talker.model(x, ctx)
-        self._sync()
-        # A step with prefill rows is charged to prefill: that is the cost new arrivals add.
-        self.timings["prefill_s" if plan.prefills else "talker_s"] += time.perf_counter() - t0
-        # The last row of each sequence; only sequences whose rows are all consumed sample a frame.
-        ends = torch.tensor([it.num_rows for it in items]).cumsum(0) - 1
-        ready_states, ready_rows = [], []
-        for index, (it, end) in enumerate(zip(items, ends.tolist(), strict=True)):
+    def step(self, plan: Plan) -> StepOutput:
+        buf = self.buf
+        buf.begin()
+        for it in plan.decodes + plan.prefills:
             st = it.state
-            if index >= len(plan.decodes) and st.num_computed + it.num_rows < st.num_rows:
-                continue  # a prefill chunk: a frame only once the whole prompt is in
-            ready_states.append(st)
-            ready_rows.append(end)
-        # A failed step leaves its requests as they were (K/V rewrites are idempotent), so the
-        # engine can retry them one by one to find the culprit: samplers are restored, and prefill
-        # progress is only counted once the step has succeeded.
-        snapshots = [(st, st.generator.get_state()) for st in ready_states if st.generator is not None]
-        try:
-            outputs = self._sample_frames(ready_states, hidden[ready_rows]) if ready_states else []
-        except BaseException:
-            for st, rng in snapshots:
-                st.generator.set_state(rng)
-            raise
-        for it in plan.prefills:
-            it.state.num_computed += it.num_rows
-        return outputs
-
-    def _sync(self) -> None:
-        # CUDA runs ahead of Python: without a sync the phase timings would measure launches only.
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    # ---- frames ------------------------------------------------------------------------------
-    def _sample_frames(self, states: list[RequestState], hidden: torch.Tensor) -> list[FrameOutput]:
+            if buf.claim(st.slot, st, st.preemptions):  # a new occupant: its sampling rows and mask
+                self.sampling.set_row(st.slot, st.sampling, seed=st.seed)
+                reset_seen_row(buf.seen, st.slot, st.history)
+            buf.write_table(st.slot, self.blocks.table(st.request_id).blocks)
         t0 = time.perf_counter()
-        logits = self.talker.logits(hidden)  # [B, vocab] fp32
-        histories = [st.history for st in states]
-        logits = self.process(logits, histories, [st.sampling for st in states])
-        drawn = draw_rows(logits, [talker_rule(st.sampling) for st in states], [st.generator for st in states])
-        outputs: list[FrameOutput] = []
-        keep_states, keep_rows = [], []
-        for i, (st, c0) in enumerate(zip(states, drawn.tolist(), strict=True)):
-            if c0 == self.eos:
-                outputs.append(FrameOutput(st, None, last=True))
-                continue
-            keep_states.append(st)
-            keep_rows.append(i)
+        done = [it for it in plan.prefills if it.start + it.num_rows >= it.state.num_rows]
+        if plan.prefills:
+            self._prefill(plan.prefills, done)
         t1 = time.perf_counter()
-        self.timings["sample_s"] += t1 - t0
-        if not keep_states:
-            return outputs
-        c0 = drawn[keep_rows]
-        codes = self._predict_residual(keep_states, hidden[keep_rows], c0)
-        self._sync()
-        self.timings["predictor_s"] += time.perf_counter() - t1
-        frames = torch.cat([c0[:, None], codes], dim=1)  # [B, 16]
-        # The next talker input of each request is its frame's embedding plus its text row for that frame
-        # (added by the request, since a live text may not have that row yet).
-        for st, frame, embedding in zip(keep_states, frames.tolist(), self.talker.embed_frames(frames), strict=True):
-            st.add_frame(frame, embedding)
-            outputs.append(FrameOutput(st, frame, last=len(st.frames) >= st.max_frames))
-        return outputs
+        self.timings["prefill_s"] += t1 - t0
+        sampled = [it.state for it in plan.decodes + done]
+        if not sampled:
+            buf.end()
+            self.counters["prefill_rows"] += sum(it.num_rows for it in plan.prefills)
+            return StepOutput()
+        b = self.decode.rows_for(1 + max(st.slot for st in sampled))
+        self._write_decode_inputs(plan.decodes, sampled, b)
+        if plan.decodes:
+            self.decode.talker_decode(b)
+        t2 = time.perf_counter()
+        self.timings["talker_s"] += t2 - t1
+        codes = self.decode.frame(b).cpu().numpy()  # the step's one device→host copy
+        self.counters["host_syncs"] += 1
+        t3 = time.perf_counter()
+        self.timings["predictor_s"] += t3 - t2
+        bad = [st.request_id for st in sampled if codes[st.slot, -1]]
+        if bad:  # the engine retries the step's requests one by one: only these fail
+            raise ValueError(f"non-finite sampling probabilities for {', '.join(bad)} (the model produced NaN or "
+                             "inf logits)")
+        # Only now, with the step known good, the next inputs replace the current ones: a failed step
+        # changes nothing (K/V rewrites are idempotent), so its requests can be retried one by one.
+        index = buf.index.dev[:len(sampled)]  # the sampled slots, uploaded by _write_decode_inputs
+        next_rows = buf.x_next.index_select(0, index)
+        buf.x.index_copy_(0, index, next_rows)
+        output = StepOutput(sampled=sampled, next_rows=next_rows)
+        for st in sampled:
+            row = codes[st.slot, :-1]
+            output.frames.append(None if row[0] == self.eos else row.tolist())
+        self.counters[f"decode_rows{{path={self.path}}}"] += len(plan.decodes)
+        self.counters["prefill_rows"] += sum(it.num_rows for it in plan.prefills)
+        self.timings["sample_s"] += time.perf_counter() - t3
+        return output
 
-    def _predict_residual(self, states: list[RequestState], hidden: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
-        """Codebooks 1..15 for B frames at once; each row drawn with its request's own sampler."""
-        predictor = self.talker.code_predictor
-        if self.graphs is not None and self.graphs.fits(len(states)):
-            substep = self.graphs.predictor_substep
-        else:
-            ctx = predictor.new_context(batch=len(states))
+    def _prefill(self, prefills: list[ScheduledRequest], done: list[ScheduledRequest]) -> None:
+        """The prompt chunks, eagerly; the last row's hidden state of each finished prompt → its slot."""
+        buf, bs = self.buf, self.kv.block_size
+        x = torch.cat([it.state.pending_rows[it.start:it.start + it.num_rows] for it in prefills])
+        total, n = 0, len(prefills)
+        cu, last = buf.pf_cu_seqlens.np, []
+        cu[0] = 0
+        for i, it in enumerate(prefills):
+            slot, pos = it.state.slot, np.arange(it.start, it.start + it.num_rows)
+            buf.pf_positions.np[total:total + it.num_rows] = pos
+            buf.pf_slot_mapping.np[total:total + it.num_rows] = buf.kv_slot(slot, pos, bs)
+            buf.pf_context_lens.np[i] = it.start + it.num_rows
+            buf.pf_slots.np[i] = slot
+            total += it.num_rows
+            cu[i + 1] = total
+            if it in done:
+                last.append(total - 1)
+        slots = buf.pf_slots.upload(n)
+        ctx = PagedContext(cache=self.kv, cos_sin=self.decode.cos_sin, eps=self.talker.cfg.transformer.rms_norm_eps,
+                           positions=buf.pf_positions.upload(total), slot_mapping=buf.pf_slot_mapping.upload(total),
+                           block_tables=buf.block_tables.dev.index_select(0, slots),
+                           context_lens=buf.pf_context_lens.upload(n), cu_seqlens_q=buf.pf_cu_seqlens.upload(n + 1))
+        out = self.talker.model(x, ctx)
+        if done:
+            buf.pf_last.np[:len(last)] = last
+            buf.pf_done.np[:len(done)] = [it.state.slot for it in done]
+            buf.hidden.index_copy_(0, buf.pf_done.upload(len(done)), out.index_select(0, buf.pf_last.upload(len(last))))
 
-            def substep(x: torch.Tensor, j: int) -> torch.Tensor:
-                return predictor.step(x, ctx, head=j)
-        x = torch.stack([hidden, self.talker.embed_codec(c0)], dim=1)  # [B, 2, talker_hidden]
-        rules = [predictor_rule(st.sampling) for st in states]
-        generators = [st.generator for st in states]
-        columns = []
-        for j in range(predictor.num_residual_codebooks):
-            logits = substep(x, j)  # [B, vocab]
-            codes = draw_rows(logits, rules, generators)
-            columns.append(codes)
-            if j + 1 < predictor.num_residual_codebooks:
-                x = predictor.model.codec_embedding[j](codes)[:, None]
-        return torch.stack(columns, dim=1)
+    def _write_decode_inputs(self, decodes: list[ScheduledRequest], sampled: list[RequestState], b: int) -> None:
+        """Rows ``0..b-1``: every row padding, then the decoding and sampling slots filled in."""
+        buf, bs = self.buf, self.kv.block_size
+        buf.positions.np[:b] = 0
+        buf.slot_mapping.np[:b] = -1
+        buf.context_lens.np[:b] = 1
+        buf.decoding.np[:b] = False
+        buf.sampling.np[:b] = False
+        for it in decodes:
+            slot = it.state.slot
+            buf.positions.np[slot] = it.start
+            buf.slot_mapping.np[slot] = buf.kv_slot(slot, it.start, bs)
+            buf.context_lens.np[slot] = it.start + 1
+            buf.decoding.np[slot] = True
+        for i, st in enumerate(sampled):
+            buf.sampling.np[st.slot] = True
+            buf.index.np[i] = st.slot
+            buf.num_frames.np[st.slot] = len(st.frames)
+            buf.prev_c0.np[st.slot] = st.frames[-1][0] if st.frames else -1
+        buf.upload_decode(b)
+        index = buf.index.upload(len(sampled))
+        # Each sampled slot's text row for the frame it samples now (it joins that frame's embedding).
+        buf.trailing.index_copy_(0, index, torch.stack([st.trailing_row(len(st.frames)) for st in sampled]))
+
+    # ---- draws (inside the frame function: device ops on the slot buffers, no host synchronisation) ----
+    def _draw_talker(self, logits: torch.Tensor, b: int, invalid: torch.Tensor) -> torch.Tensor:
+        buf = self.buf
+        seen, prev = buf.seen[:b], buf.prev_c0.dev[:b]
+        # The previous frame's codebook-0 id joins the repetition mask now, not when it was drawn: a retried
+        # step marks the same id again, so the mask never holds a draw that was not kept.
+        at = prev.clamp(min=0)[:, None]
+        seen.scatter_(1, at, seen.gather(1, at) | ((prev >= 0) & buf.sampling.dev[:b])[:, None])
+        return sample_talker(logits, self.sampling[:b], seen, buf.num_frames.dev[:b], self.vocab, invalid)
+
+    def _draw_predictor(self, logits: torch.Tensor, b: int, j: int, invalid: torch.Tensor) -> torch.Tensor:
+        return sample_predictor(logits, self.sampling[:b], self.buf.num_frames.dev[:b], j + 1, invalid)

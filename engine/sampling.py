@@ -6,8 +6,8 @@ EOS forbidden for the first ``min_new_tokens`` frames → control ids suppressed
 Code predictor (codebooks 1..15): temperature → top-k → top-p → multinomial.
 Greedy is argmax of the processed logits (the warpers do not change the argmax).
 
-Each request owns a ``torch.Generator`` seeded from its seed, so a request's draws never depend
-on its batch neighbours; with the same seed the draws equal the official code's (which uses the
+The reference path (engine/generate.py) gives each request a ``torch.Generator`` seeded from its
+seed; with the same seed the draws equal the official code's (which uses the
 global generator after ``torch.manual_seed``), in the same order: 15 predictor draws for frame
 g, then the talker draw for frame g+1.
 """

@@ -92,6 +92,24 @@ def test_engine_bench_writes_json_and_markdown(tiny, tmp_path):
     assert "| note | n |\n" in again and again.replace("| note | n |\n", "") == md
 
 
+def test_engine_bench_arrivals_modes_report_the_counters(tiny, tmp_path):
+    assert main(["engine", "--model", str(tiny), "--closed-loop", "3", "--utterances", "2", "--stagger-ms", "20",
+                 "--rate", "4", "--duration", "0.5", "--frames", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "engine.json").read_text())
+    assert report["runs"] == []  # an arrivals mode alone: no start-together rows
+    closed, opened = report["arrivals"]
+    assert (closed["mode"], closed["level"], closed["utterances"]) == ("closed", 3, 6)
+    assert opened["mode"] == "open" and opened["errors"] == closed["errors"] == 0
+    for run in (closed, opened):
+        c = run["counters"]
+        assert c["engine_steps"] > 0 and c["prefill_rows"] > 0 and c["host_syncs"] <= c["engine_steps"]
+        if run["frames"]:
+            assert run["static_share"] == 1.0 and c["decode_rows{path=eager}"] == 0
+    assert closed["frames"] > 0
+    md = (tmp_path / "engine.md").read_text()
+    assert "| closed loop, sessions 3 | 6 |" in md and "| open loop, /s 4 |" in md and "static %" in md
+
+
 def test_compare_official_without_the_official_side(tiny, tmp_path):
     assert main(["compare-official", "--model", str(tiny), "--no-official", "--frames", "2", "4",
                  "--out", str(tmp_path)]) == 0

@@ -88,6 +88,18 @@ def test_batched_greedy_codes_equal_each_request_alone(tiny_model, voices, engin
     assert engine.blocks.num_used == 0
 
 
+def test_batched_seeded_codes_equal_each_request_alone_with_staggered_arrivals(tiny_model, voices, engine):
+    requests = mixed_requests(voices, 6)
+    for i, r in enumerate(requests):
+        r.sampling = tiny_model.sampling(seed=40 + i)
+    alone = [run_all(engine, [Request(**{**r.__dict__, "request_id": r.request_id + "-alone"})])[0][1]
+             for r in requests]
+    together = run_all(engine, requests, stagger=0.01)
+    assert engine.stats().counters["decode_rows{path=eager}"] == 0
+    for req, want, (_, got) in zip(requests, alone, together, strict=True):
+        assert got.frames > 0 and np.array_equal(got.codes, want.codes), req.request_id
+
+
 def test_neighbours_do_not_change_output(tiny_model, voices, engine):
     probe = Request(text=TEXTS[1], voice=voices["icl_b"], language="english", max_frames=12,
                     sampling=tiny_model.sampling(seed=5), request_id="probe")
@@ -248,25 +260,36 @@ def test_a_request_the_pool_cannot_hold_fails_alone_and_the_engine_goes_on(tiny_
         eng.shutdown()
 
 
-def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch):
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+def test_a_request_that_breaks_the_step_fails_alone(tiny_model, voices, monkeypatch, fault):
+    """``raise``: an exception midway through a frame. ``nan``: NaN logits for one row, which the device
+    sampler flags and the host fails once the whole frame (every row's next input) has been computed."""
     eng = Engine(tiny_model, EngineConfig(num_kv_blocks=256, chunk_frames=(2,)))
-    real = eng.runner._sample_frames
+    real = eng.runner.decode.draw_predictor
 
-    def poisoned(states, hidden):
-        if any("POISON" in st.request.text for st in states) and len(states[0].frames) >= 2:
-            raise RuntimeError("injected failure")
-        return real(states, hidden)
+    def poisoned(logits, b, j, invalid):
+        # Midway through a frame (the talker and 7 predictor draws done): the retry must start it afresh.
+        poison = eng._states.get("poison")
+        if j == 7 and poison is not None and poison.slot is not None and poison.slot < b \
+                and eng.runner.buf.sampling.np[poison.slot] and len(poison.frames) >= 2:
+            if fault == "raise":
+                raise RuntimeError("injected failure")
+            logits = logits.clone()
+            logits[poison.slot] = float("nan")
+        return real(logits, b, j, invalid)
 
-    monkeypatch.setattr(eng.runner, "_sample_frames", poisoned)
+    monkeypatch.setattr(eng.runner.decode, "draw_predictor", poisoned)
     try:
         reqs = [Request(text=TEXTS[i], voice=voices["xvec_a" if i % 2 else "icl_b"], max_frames=8,
                         sampling=tiny_model.sampling(seed=i), request_id=f"h{i}") for i in range(3)]
         reqs.append(Request(text="POISON pill.", voice=voices["xvec_b"], max_frames=8, request_id="poison",
                             sampling=greedy(tiny_model)))
+        alone = [run_all(eng, [Request(**{**r.__dict__, "request_id": r.request_id + "-alone"})])[0][1]
+                 for r in reqs[:3]]
         results = run_all(eng, reqs)
-        for req, (_, fin) in zip(reqs[:3], results[:3], strict=True):
-            alone = tiny_model.synthesize(req.text, req.voice, req.language, req.sampling, req.max_frames)
-            assert np.array_equal(fin.codes, alone.codes.numpy()), req.request_id  # samplers were restored
+        for req, (_, fin), want in zip(reqs[:3], results[:3], alone, strict=True):
+            # Seeded draws, retried one by one after the failed step: the same codes as the request alone.
+            assert np.array_equal(fin.codes, want.codes), req.request_id
         poison = results[3][1]
         assert poison.stop_reason == StopReason.ERROR and poison.error_code == "SYNTHESIS_ERROR"
         assert eng.blocks.num_used == 0 and eng._thread.is_alive()

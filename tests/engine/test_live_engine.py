@@ -81,6 +81,11 @@ def whole(tiny_model, voices, engine):
     return asyncio.run(main())
 
 
+def waits_for_text(engine, rid) -> bool:
+    state = engine._states.get(rid)
+    return state is not None and bool(state.frames) and not state.may_sample
+
+
 def pauses_for(pieces, rng):
     # 0-150 ms between pieces (a tiny-model frame takes a few ms): most go back to back.
     return [rng.choice([0.0, 0.0, 0.0, 0.02, 0.15]) for _ in pieces[1:]]
@@ -131,9 +136,9 @@ def test_a_two_second_wait_makes_no_frame_and_no_early_end(tiny_model, voices, e
     async def main():
         req = request(tiny_model, voices[voice], rid, text=TEXT[:half], live=True)
         task = asyncio.ensure_future(drain(engine.submit(req)))
-        # Until the request has used up the first half: its last frame waits for its text row.
+        # Until the request has used up the first half: its next frame waits for its text row.
         deadline = time.perf_counter() + 60  # bounded: an engine that never waits fails, not hangs
-        while rid not in engine._states or engine._states[rid].unfed_frame is None:
+        while not waits_for_text(engine, rid):
             assert time.perf_counter() < deadline, "the request never waited for its text"
             await asyncio.sleep(0.01)
         t0 = time.perf_counter()
@@ -207,7 +212,7 @@ def test_with_the_deadline_flush_a_waiting_request_has_sent_every_frame_it_made(
 
         task = asyncio.ensure_future(consume())
         deadline = time.perf_counter() + 60
-        while rid not in eng._states or eng._states[rid].unfed_frame is None:
+        while not waits_for_text(eng, rid):
             assert time.perf_counter() < deadline, "the request never waited for its text"
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # the flush rides on the step that found the text missing, plus one codec job
