@@ -12,9 +12,10 @@ is known once ``S[j]`` is (an id has arrived, or the text has ended and j is its
 Nothing here ever stands in for text that has not come: an unknown row is ``None`` and the
 request waits for it. With the whole text given at once this builds exactly ``build_prompt``'s rows.
 
-First audio in live mode: an x-vector voice needs the first text id; an ICL voice needs
-``n_c - |ref ids|`` = ``T_ref + 1 - |ref ids|`` ids of the new text (or the end of the text) before
-its prompt is complete, since the reference audio frames carry the text that follows the transcript.
+First audio in live mode: frame 0 is sampled once the prompt is complete and the text row that
+joins its input (``S[n_c]``) is known, so an x-vector voice needs the first two text ids and an ICL
+voice ``n_c + 1 - |ref ids|`` = ``T_ref + 2 - |ref ids|`` ids of the new text (or the end of the
+text), since the reference audio frames carry the text that follows the transcript.
 """
 
 from __future__ import annotations
