@@ -227,3 +227,18 @@ def test_with_the_deadline_flush_a_waiting_request_has_sent_every_frame_it_made(
     finally:
         eng.shutdown()
     assert made > 4 and sent == made  # chunks of 8 and 12 would hold up to 11 frames back
+
+
+def test_the_first_frame_waits_for_the_text_row_that_joins_it(tiny_model, voices, engine):
+    """One-letter words commit one id at a time: the x-vector prompt is complete with the first id, and
+    frame 0 must still wait for the second (its input carries it); the audio is the whole text's."""
+    text = "I a b c d e."
+    async def main():
+        alone = await drain(engine.submit(request(tiny_model, voices["xvec"], "one-id-whole", text=text)))
+        req = request(tiny_model, voices["xvec"], "one-id-live", live=True)
+        return alone, await live(engine, req, list(text), [0.05] * (len(text) - 1))
+
+    (audio0, fin0), (audio, fin) = asyncio.run(asyncio.wait_for(main(), 300))
+    assert fin.stop_reason == fin0.stop_reason and fin.error is None
+    np.testing.assert_array_equal(fin.codes, fin0.codes)
+    np.testing.assert_array_equal(audio, audio0)
