@@ -116,9 +116,9 @@ class LiveText:
     """Text that arrives in pieces, turned into ids only where more text can no longer change them.
 
     The ids of the whole text are the official ``encode(TARGET_TEMPLATE.format(text))[3:-5]``;
-    this class hands them out as a growing prefix. After each piece the whole text so far is
-    normalised and encoded again (one Rust call; texts are bounded by the server's limits), and the
-    tokens that end before the *unstable tail* are committed. The tail starts at the earlier of:
+    this class hands them out as a growing prefix. After each piece the *unstable tail* of the
+    normalised text is encoded again, and the tokens that end before the new unstable tail are
+    committed. The tail starts at the earlier of:
 
     - the last pre-token holding a non-space character: a split-regex match is decided by the text
       up to the first non-space character after it (a whitespace run can still gain a newline that
@@ -127,10 +127,16 @@ class LiveText:
     - the pre-token holding the last NFC starter (combining class 0): a combining mark sent later
       may compose with that starter (``e`` + U+0301 is ``é``), never with an earlier one.
 
-    ``end`` commits the rest as ``target_ids`` of the whole text, so the final ids are exactly the
-    ids of the text sent whole; ``committed`` only ever grows.
+    Only the tail is encoded again (so an append costs its own length, not the text's): the split
+    regex has no look-behind, so matching from a pre-token boundary does not depend on what is
+    before it, and NFC(final prefix + tail + piece) = final prefix + NFC(tail + piece) because no
+    later character composes across the last starter. Until the three role tokens of the template
+    are final, the tail is encoded behind ``<|im_start|>assistant\n`` as the official prompt has it
+    (a text that starts with newlines merges them with the role's). ``end`` commits the rest as
+    ``target_ids`` of the whole text, so the final ids are exactly those of the text sent whole.
     """
 
+    _ROLE = "assistant\n"  # the segment after <|im_start|> that the text continues
     _ROLE_TOKENS = 3  # <|im_start|> assistant \n: the official slice [3:] drops them
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
@@ -138,6 +144,8 @@ class LiveText:
         self.text = ""
         self.committed: list[int] = []
         self.ended = False
+        self._stable: list[int] = []  # final tokens of the whole template so far, role tokens included
+        self._tail = self._ROLE  # the normalised segment text after the final tokens
 
     def append(self, piece: str) -> list[int]:
         """Add text; return the ids this piece made final (possibly none)."""
@@ -148,7 +156,9 @@ class LiveText:
             if token in text:  # checked on the whole text: a token may arrive split over pieces
                 raise TextError(f"text contains the reserved token {token!r}")
         self.text = text
-        return self._commit(self._stable_ids())
+        self._tail = self.tokenizer._tok.normalizer.normalize_str(self._tail + piece)
+        self._advance()
+        return self._commit(self._stable[self._ROLE_TOKENS:])
 
     def end(self) -> list[int]:
         """No more text: commit everything; return the ids that were still pending."""
@@ -163,20 +173,22 @@ class LiveText:
         self.committed.extend(new)
         return new
 
-    def _stable_ids(self) -> list[int]:
+    def _advance(self) -> None:
+        """Move the tokens of the tail that can no longer change into ``_stable``."""
         tok = self.tokenizer._tok
-        head = "<|im_start|>"
-        segment = "assistant\n" + tok.normalizer.normalize_str(self.text)  # what the pre-tokenizer sees
-        pieces = tok.pre_tokenizer.pre_tokenize_str(segment)
-        starts = [start for _, (start, _) in pieces]
-        tail = len(segment)
+        tail = self._tail
+        pieces = tok.pre_tokenizer.pre_tokenize_str(tail)
+        cut = len(tail)
         for _, (start, end) in reversed(pieces):
-            if not segment[start:end].isspace():
-                tail = start
+            if not tail[start:end].isspace():
+                cut = start
                 break
-        last_starter = next((i for i in range(len(segment) - 1, -1, -1) if not unicodedata.combining(segment[i])), 0)
-        tail = min(tail, max(s for s in starts if s <= last_starter))
-        encoding = tok.encode(head + segment, add_special_tokens=False)
-        limit = len(head) + tail
-        stable = [i for i, (_, end) in zip(encoding.ids, encoding.offsets, strict=True) if end <= limit]
-        return stable[self._ROLE_TOKENS:]
+        last_starter = next((i for i in range(len(tail) - 1, -1, -1) if not unicodedata.combining(tail[i])), 0)
+        cut = min(cut, max((start for _, (start, _) in pieces if start <= last_starter), default=0))
+        head = "<|im_start|>" if len(self._stable) < self._ROLE_TOKENS else ""
+        encoding = tok.encode(head + tail, add_special_tokens=False)
+        stable = [i for i, (_, end) in zip(encoding.ids, encoding.offsets, strict=True) if end <= len(head) + cut]
+        if head and len(stable) < self._ROLE_TOKENS:
+            return  # the role tokens are not final yet: keep encoding from the template's start
+        self._stable += stable
+        self._tail = tail[cut:]
