@@ -14,7 +14,7 @@ from engine.text import LiveText, TextError, TextTokenizer
 # compose with the previous letter under NFC, and a Hangul jamo pair that composes into a syllable.
 ALPHABET = list("aeiou stnrlAEI'sdmtv 0123456789 .,!?;:-\"()\n\r\t   ") + \
     ["\u00a0", "\u3000", "你", "好", "。", "日本", "\u0301", "\u0316", "\u0308", "e\u0301", "\u1100", "\u1161",
-     "é", "ñ", "—", "…", "😀"]
+     "é", "ñ", "—", "…", "😀", " \n", "\n ", "a\u0316"]
 texts = st.lists(st.sampled_from(ALPHABET), min_size=1, max_size=40).map("".join).filter(lambda t: t.strip())
 
 
@@ -46,7 +46,7 @@ def _check_split(tok: TextTokenizer, pieces: list[str]) -> None:
     assert live.committed == whole, pieces
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=texts, cuts=st.lists(st.integers(0, 10_000), max_size=12))
 def test_random_splits_commit_a_prefix_and_end_on_the_whole_texts_ids(tokenizer, text, cuts):
     _check_split(tokenizer, _split(text, cuts))
