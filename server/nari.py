@@ -47,6 +47,9 @@ class NariSession:
         self.request_id = f"nari-{self.id}"
         self.live: LiveUtterance | None = None
         self.worker: asyncio.Task | None = None
+        # The harness sends all its text and waits for every ack even when the audio ended first (the
+        # model may stop before the text does): the socket closes only once the end is acknowledged.
+        self.end_acked = False
         self.audio = {"encoding": "pcm_s16le", "sample_rate": state.require_engine().sample_rate, "channels": 1}
 
     async def send(self, msg: dict) -> None:
@@ -103,6 +106,9 @@ class NariSession:
             elif not self.live.ended:
                 self.live.end()
             await self.send({"type": "input_text.ack", "event": kind, "sequence": sequence})
+            if kind == "input_text.end":
+                self.end_acked = True
+                return self.worker.done()  # done before the text was: the session ends with this ack
         elif kind == "response.cancel":
             return True  # handle's finally cancels the request and closes 1000
         else:
@@ -141,17 +147,20 @@ class NariSession:
                          "language": start.language, "audio": self.audio})
 
     async def speak(self, prompt: VoicePrompt, start: P.Start) -> None:
+        ok = False
         try:
-            await self._speak(prompt, start)
+            ok = await self._speak(prompt, start)
         except (ConnectionError, RuntimeError, asyncio.TimeoutError):
             log.info("nari session %s: the client stopped reading", self.id)
         except Exception as e:  # an engine that raises instead of reporting: fail this request only
             log.exception("nari session %s: engine raised", self.id)
             await self.send_error(P.ProtocolError(P.SYNTHESIS_ERROR, f"{type(e).__name__}: {e}"))
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=WSCloseCode.OK, message=b"done")  # also ends the reader's receive
+        if self.end_acked or not ok:  # otherwise the reader closes once it has acknowledged the end
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=WSCloseCode.OK, message=b"done")  # also ends the reader's receive
 
-    async def _speak(self, prompt: VoicePrompt, start: P.Start) -> None:
+    async def _speak(self, prompt: VoicePrompt, start: P.Start) -> bool:
+        """Stream the utterance; True when it ended normally (response.done sent)."""
         engine, state = self.state.require_engine(), self.state
         track = Tracker(state.metrics, engine.sample_rate)
         request = state.request("", prompt, start, self.request_id)
@@ -172,13 +181,14 @@ class NariSession:
         assert isinstance(finished, Finished)
         if failed(finished):
             await self.send_error(track.error(finished))
-        else:
-            if chunks == 0:  # an utterance with no audio still starts before it is done
-                await self.send({"type": "response.started", "request_id": self.request_id, "audio": self.audio})
-            done = track.done(finished)
-            await self.send({"type": "response.done", "request_id": self.request_id, "audio_chunks": chunks,
-                             "stop_reason": "stop", "makima_stop_reason": finished.stop_reason.value,
-                             "frames": finished.frames, "audio_ms": done["audio_ms"], "ttfa_ms": done["ttfa_ms"]})
+            return False
+        if chunks == 0:  # an utterance with no audio still starts before it is done
+            await self.send({"type": "response.started", "request_id": self.request_id, "audio": self.audio})
+        done = track.done(finished)
+        await self.send({"type": "response.done", "request_id": self.request_id, "audio_chunks": chunks,
+                         "stop_reason": "stop", "makima_stop_reason": finished.stop_reason.value,
+                         "frames": finished.frames, "audio_ms": done["audio_ms"], "ttfa_ms": done["ttfa_ms"]})
+        return True
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

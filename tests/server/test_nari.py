@@ -35,41 +35,43 @@ async def harness_run(client, text: str = TEXT, voice: str = "Ryan", language: s
         configured = json.loads((await ws.receive(timeout=5)).data)
         assert configured["type"] == "request.configured", configured
         audio, started, done, chunks = bytearray(), None, None, 0
-        pending_acks: list[dict] = []
 
-        async def next_ack() -> dict:
+        async def receive(until_ack: bool) -> dict | None:
+            """Read events (audio counted) until an ack, or until response.done when not waiting for one;
+            like runtime.py's receiver, response.done may come before the acks do."""
             nonlocal audio, started, done, chunks
             while True:
-                if pending_acks:
-                    return pending_acks.pop(0)
                 msg = await ws.receive(timeout=10)
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     assert started is not None, "audio arrived before response.started"
                     audio += msg.data
                     chunks += 1
                     continue
-                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                assert msg.type == aiohttp.WSMsgType.TEXT, f"closed before the ack or done: {msg}"
                 event = json.loads(msg.data)
                 assert event["type"] != "error", event
                 if event["type"] == "input_text.ack":
+                    assert until_ack, event
                     return event
                 if event["type"] == "response.started":
                     assert started is None and event["request_id"] and event["audio"] == AUDIO
                     started = event
                 elif event["type"] == "response.done":
+                    assert done is None
                     done = event
-                    return {}
+                    if not until_ack:
+                        return None
                 else:
                     raise AssertionError(f"unexpected event {event}")
 
         pieces = word_chunks(text)
         for sequence, piece in enumerate(pieces):
             await ws.send_json({"type": "input_text.append", "sequence": sequence, "text": piece})
-            assert await next_ack() == {"type": "input_text.ack", "event": "input_text.append", "sequence": sequence}
+            assert await receive(True) == {"type": "input_text.ack", "event": "input_text.append", "sequence": sequence}
         await ws.send_json({"type": "input_text.end", "sequence": len(pieces)})
-        assert await next_ack() == {"type": "input_text.ack", "event": "input_text.end", "sequence": len(pieces)}
-        while done is None:
-            assert await next_ack() == {}
+        assert await receive(True) == {"type": "input_text.ack", "event": "input_text.end", "sequence": len(pieces)}
+        if done is None:
+            await receive(False)
         assert done["request_id"] == started["request_id"] and done["stop_reason"] == "stop"
         assert done["audio_chunks"] == chunks
         msg = await ws.receive(timeout=5)
@@ -130,3 +132,20 @@ async def test_errors_cancel_and_a_missing_subprotocol():
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1000
         assert not engine.blocks and not engine.live
+
+
+class EndsEarly(FakeEngine):
+    """A model that stops (EOS) after one chunk, before the live text is over (seen with random weights)."""
+
+    async def submit(self, request):
+        request.live = False  # speak what has come, at once
+        request.text = request.text or "x"
+        request.max_frames = 1
+        async for item in super().submit(request):
+            yield item
+
+
+async def test_audio_that_ends_before_the_text_still_acks_every_append_and_the_end():
+    async with serve(EndsEarly(chunk_delay=0.0), voices=VOICES, default_voice="anna") as client:
+        _, done, code = await harness_run(client)  # fails if the socket closes before the last ack
+        assert code == 1000 and done["makima_stop_reason"] == "max_frames" and done["audio_chunks"] == 1
