@@ -52,6 +52,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "inline synthetic x-vector voice)")
     p.add_argument("--language", default="auto", help="session language (default: %(default)s)")
     p.add_argument("--max-frames", type=int, help="frame cap per utterance (80 ms each), sent in start")
+    p.add_argument("--text-input", choices=("speak", "live", "sentences"), default="speak",
+                   help="speak: each text whole; live: one live utterance fed word by word; sentences: words by "
+                        "append (the server speaks each sentence), then flush (default: %(default)s)")
+    p.add_argument("--word-interval-ms", type=float, default=50.0,
+                   help="live/sentences: time between words, an LLM's token rate (default: %(default)s)")
     p.add_argument("--slo-ttfa-ms", type=float, default=200.0, help="target time to first audio (default: %(default)s)")
     p.add_argument("--slo-underruns", type=int, default=0, help="underruns allowed per utterance (default: 0)")
     p.add_argument("--slo-share", type=float, default=0.95,
@@ -159,7 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = ServeConfig(url=args.url, mode=mode, loads=loads, duration_s=args.duration, texts=load_texts(args.texts),
                       voice=args.voice, language=args.language, token=_token(args), seed=args.seed,
                       timeout_s=args.timeout, max_frames=args.max_frames, warmup=args.warmup,
-                      ready_timeout_s=args.ready_timeout)
+                      ready_timeout_s=args.ready_timeout, text_input=args.text_input,
+                      word_interval_s=args.word_interval_ms / 1000)
     label = "c" if mode == "concurrency" else "rate"
     bar: list[Progress] = []
     levels: list[dict] = []
@@ -183,7 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
               "config": {"url": args.url, "loads": loads, "duration_s": args.duration, "texts": args.texts,
                          "text_count": len(cfg.texts), "language": args.language, "voice": args.voice,
                          "seed": args.seed, "preroll_ms": args.preroll_ms, "timeout_s": args.timeout,
-                         "max_frames": args.max_frames, "warmup": args.warmup},
+                         "max_frames": args.max_frames, "warmup": args.warmup, "text_input": args.text_input,
+                         "word_interval_ms": args.word_interval_ms},
               "capacity": capacity(levels, slo), "levels": levels}
     stem = f"serve-{mode}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,12 @@ for step in $steps; do
         run bench_serve_open "${SERVE_LIMIT:-300}" python3 -m server.cli bench serve --url ws://127.0.0.1:8123 \
             --rate "${SERVE_RATES:-5,10,20}" --duration "${DURATION:-20}" --slo-ttfa-ms 60 --out "$out/serve-open" \
             --note "$note"
+        # Live text (issue #18): words every 50 ms into one live utterance vs sentence mode; TTFA from the first word.
+        for fed in live sentences; do
+            run "bench_serve_$fed" "${SERVE_LIMIT:-300}" python3 -m server.cli bench serve --url ws://127.0.0.1:8123 \
+                --concurrency "${LIVE_CONCURRENCY:-1,16}" --duration "${DURATION:-20}" --text-input "$fed" \
+                --word-interval-ms 50 --out "$out/serve-$fed" --note "$note"
+        done
         curl -s http://127.0.0.1:8123/metrics | grep -E 'makima_tts:(engine_steps|decode_rows|prefill_rows|host_syncs)' \
             >"$out/serve-counters.txt"
         kill $server; sleep 2; kill -9 $server 2>/dev/null; wait $server 2>/dev/null

@@ -164,6 +164,10 @@ def summarise(records: list[dict], mode: str, load: float, duration_s: float, el
         "e2e_s": percentiles([r["e2e_s"] for r in ok]),
         "rtf": percentiles([r["rtf"] for r in ok if r["rtf"] is not None]),
         "server_ttfa_ms": percentiles([r["server_ttfa_ms"] for r in ok if r["server_ttfa_ms"] is not None]),
+        "final_text_ttfa_ms": percentiles([r["final_text_ttfa_s"] for r in ok
+                                           if r.get("final_text_ttfa_s") is not None], 1000),
+        "final_text_e2e_ms": percentiles([r["final_text_e2e_s"] for r in ok
+                                          if r.get("final_text_e2e_s") is not None], 1000),
         "underrun_utterances": len(underrun), "underrun_share": len(underrun) / len(ok) if ok else None,
         "underruns_total": sum(r["underruns"] for r in ok),
         "stall_ms": {"total": 1000 * sum(r["stall_s"] for r in ok),
@@ -238,6 +242,13 @@ def serve_markdown(report: dict, plots: list[str]) -> str:
     notes = [knee]
     if errors:
         notes.append("Errors: " + ", ".join(f"{code} × {n}" for code, n in errors.most_common()) + ".")
+    fed = cfg.get("text_input", "speak")
+    if fed != "speak":
+        lines = [f"{load_label(s['load'])}: first audio after it p50 {fmt((s['final_text_ttfa_ms'] or {}).get('p50'))} "
+                 f"ms p95 {fmt((s['final_text_ttfa_ms'] or {}).get('p95'))} ms, end p50 "
+                 f"{fmt((s['final_text_e2e_ms'] or {}).get('p50'))} ms" for s in report["levels"]]
+        notes.append(f"Text sent word by word ({fed}, a word every {cfg['word_interval_ms']:g} ms): TTFA counts from "
+                     "the first word. After the last text (`end` or `flush`): " + "; ".join(lines) + ".")
     notes.append("TTFA: `speak` sent → first audio byte, at the client. RTF: end-to-end time / audio time. "
                  "Audio s/s: audio received inside the measured window per second. Client lag: this client's "
                  "event-loop delay (high values mean the client, not the server, was the bottleneck).")

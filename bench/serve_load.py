@@ -85,7 +85,8 @@ class _Runner:
                                                        time.perf_counter() - self.clock0, error=e.code))
                 await asyncio.sleep(0.2)  # a refusing server must not turn a closed loop into a busy loop
                 return
-            u = await session.speak(text, self.clock0, self.timeout_s)
+            t = self.pool.target
+            u = await session.speak(text, self.clock0, self.timeout_s, t.text_input, t.word_interval_s)
             self.pool.release(session)
             self.level.utterances.append(u)
         finally:
@@ -158,6 +159,8 @@ class ServeConfig:
     max_frames: int | None = None
     warmup: int = 1
     ready_timeout_s: float = 120.0
+    text_input: str = "speak"  # speak | live | sentences (bench/ws_client.py Target)
+    word_interval_s: float = 0.05
 
 
 def start_message(cfg: ServeConfig, info: dict) -> tuple[dict, str]:
@@ -180,7 +183,8 @@ async def warm_up(target: Target, texts: list[Text]) -> None:
         try:
             session = await pool.acquire()
             for text in texts:
-                u = await session.speak(text, time.perf_counter(), target.timeout_s)
+                u = await session.speak(text, time.perf_counter(), target.timeout_s, target.text_input,
+                                        target.word_interval_s)
                 if u.error:
                     raise RuntimeError(f"warm-up utterance {text.id} failed at {target.url}: {u.error}")
         except SessionError as e:
@@ -197,7 +201,7 @@ async def run_serve(cfg: ServeConfig, progress: Callable[[Level], ProgressFn] | 
     info = await server_info(url, headers, cfg.ready_timeout_s)
     start, voice = start_message(cfg, info)
     info = {**info, "voice_used": voice, "speak_url": url}
-    target = Target(url, start, headers, cfg.timeout_s)
+    target = Target(url, start, headers, cfg.timeout_s, cfg.text_input, cfg.word_interval_s)
     texts = list(cfg.texts)
     random.Random(cfg.seed).shuffle(texts)  # a mix from the first utterance on, the same mix every run
     if cfg.warmup:  # first-call costs (voice prompt, lazy initialisation) are not load

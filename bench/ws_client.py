@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 import wave
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class Utterance:
     error: str | None = None  # the server's error code, or TIMEOUT / CLOSED / CONNECT_FAILED / HTTP_nnn
     server_ttfa_ms: float | None = None
     stop_reason: str | None = None
+    last_text_s: float | None = None  # word by word: the last piece (end or flush) sent, seconds after the first
 
     @property
     def ok(self) -> bool:
@@ -74,7 +76,13 @@ class Utterance:
         """The utterance with its derived numbers, for the JSON report and the aggregates."""
         p = playback(self.chunks, preroll_s)
         audio = self.audio_s
+        last = self.last_text_s
+        after = [a for a, _ in self.chunks if last is not None and a >= last]
         return {
+            # Word by word, what a voice agent waits for once its LLM is done: the first audio that
+            # arrives after the last text was sent, and the end of the utterance, both from that send.
+            "last_text_s": last, "final_text_ttfa_s": after[0] - last if after else None,
+            "final_text_e2e_s": self.end_s - last if last is not None and self.end_s is not None else None,
             "text_id": self.text_id, "chars": self.chars, "session": self.session, "start_s": self.start_s,
             "ok": self.ok, "error": self.error, "ttfa_s": self.chunks[0][0] if self.chunks else None,
             "e2e_s": self.end_s, "audio_s": audio, "rtf": self.end_s / audio if self.end_s and audio else None,
@@ -146,6 +154,17 @@ class Target:
     start: dict  # the start message every session sends
     headers: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 60.0  # per utterance, and for connect + ready
+    # How text is sent: "speak" (whole), "live" (one live utterance fed word by word) or "sentences"
+    # (words by append, the server speaking each sentence as it completes, flush at the end).
+    text_input: str = "speak"
+    word_interval_s: float = 0.05  # between words, when fed word by word (an LLM's token rate)
+
+
+def word_pieces(text: str) -> list[str]:
+    """Each word with the whitespace before the next one, as an LLM streams it (and tts_bench splits)."""
+    starts = [m.start() for m in re.finditer(r"\S+", text)]
+    bounds = [0, *starts[1:], len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if a < b]
 
 
 class SessionError(Exception):
@@ -162,14 +181,33 @@ class Session:
         self.bytes_per_second = BYTES_PER_SAMPLE[encoding] * SAMPLE_RATE
         self.said = 0
 
-    async def speak(self, text: Text, clock0: float, timeout_s: float) -> Utterance:
+    async def _feed(self, text: str, live: bool, interval_s: float, sent: float, u: Utterance) -> None:
+        """Send ``text`` word by word on a fixed schedule from ``sent``; record when the last went."""
+        if live:
+            await self.ws.send_json({"type": "speak", "id": self.said, "live": True})
+        for i, piece in enumerate(word_pieces(text)):
+            await asyncio.sleep(max(0.0, sent + i * interval_s - time.perf_counter()))
+            await self.ws.send_json({"type": "append", "text": piece})
+        await self.ws.send_json({"type": "end"} if live else {"type": "flush"})
+        u.last_text_s = time.perf_counter() - sent
+
+    async def speak(self, text: Text, clock0: float, timeout_s: float, text_input: str = "speak",
+                    word_interval_s: float = 0.05) -> Utterance:
+        """One utterance; sent word by word (``live`` or ``sentences``), times count from the first word.
+        In sentence mode the server speaks several utterances (one per sentence): their audio is this one's."""
         self.said += 1
         u = Utterance(text.id, len(text.text), self.number, 0.0)
         sent = time.perf_counter()
         u.start_s = sent - clock0
         deadline = sent + timeout_s
+        feeder = None
+        segments: list[str] = []  # sentence mode: the sentences the server queued
+        completes = 0
         try:
-            await self.ws.send_json({"type": "speak", "id": self.said, "text": text.text})
+            if text_input == "speak":
+                await self.ws.send_json({"type": "speak", "id": self.said, "text": text.text})
+            else:
+                feeder = asyncio.ensure_future(self._feed(text.text, text_input == "live", word_interval_s, sent, u))
             while True:
                 msg = await self.ws.receive(timeout=max(deadline - time.perf_counter(), 0.001))
                 now = time.perf_counter() - sent  # first thing after the frame arrives: it is the arrival time
@@ -180,9 +218,16 @@ class Session:
                     self.broken, u.error = True, "CLOSED"
                     return u
                 m = json.loads(msg.data)
-                if m.get("type") == "complete":
-                    u.end_s, u.server_ttfa_ms, u.stop_reason = now, m.get("ttfa_ms"), m.get("stop_reason")
-                    return u
+                if m.get("type") == "segment":
+                    segments.append(m.get("text", ""))
+                elif m.get("type") == "complete":
+                    completes += 1
+                    if u.server_ttfa_ms is None:
+                        u.server_ttfa_ms = m.get("ttfa_ms")
+                    u.end_s, u.stop_reason = now, m.get("stop_reason")
+                    spoken = " ".join(segments).split() == text.text.split() if text_input == "sentences" else True
+                    if text_input != "sentences" or (feeder.done() and spoken and completes == len(segments)):
+                        return u
                 if m.get("type") == "error":
                     u.error, u.end_s = m.get("code", "ERROR"), now
                     return u
@@ -192,6 +237,10 @@ class Session:
             self.broken, u.error = True, "CLOSED"
         except ValueError:  # a text frame that is not JSON: count it, do not let it end the run
             self.broken, u.error = True, "BAD_MESSAGE"
+        finally:
+            if feeder is not None and not feeder.done():
+                self.broken = True  # text still going out for an utterance that has ended: never reuse it
+                feeder.cancel()
         return u
 
 

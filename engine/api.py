@@ -3,8 +3,10 @@
 A front end (the aiohttp server, the offline `--requests` runner, benchmarks) builds a
 ``Request``, calls ``submit`` and iterates the returned stream: ``AudioChunk`` items in order,
 then exactly one ``Finished``. ``cancel`` stops a request within one engine step and frees its
-KV blocks at once. Voice prompts are opaque values to the front end: it asks the engine to make
-one from reference audio, keeps it, and passes it back in requests (``save``/``load`` persist it).
+KV blocks at once. A live request's text grows with ``append_text`` until ``end_text`` (text
+known before the stream is first iterated belongs in ``Request.text``: the request is admitted
+then). Voice prompts are opaque values to the front end: it asks the engine to make one from
+reference audio, keeps it, and passes it back in requests (``save``/``load`` persist it).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Request:
     request_id: str = ""  # filled by submit when empty
     speaker: str | None = None  # a CustomVoice model's built-in speaker (case-insensitive)
     instruct: str | None = None  # style / voice description; "" is none, as in the official code
+    # Live text: ``text`` is what has come so far (may be empty); more follows with ``append_text`` and
+    # ``end_text``. The audio equals that of the whole text sent at once; frames wait for text, never guess it.
+    live: bool = False
 
     @property
     def codec_context(self) -> torch.Tensor | None:
@@ -138,6 +143,12 @@ class TTSEngine(Protocol):
     def submit(self, request: Request) -> AsyncIterator[AudioChunk | Finished]: ...
 
     def cancel(self, request_id: str) -> None: ...
+
+    def append_text(self, request_id: str, text: str) -> None:
+        """More text for a running live request (ignored once it has finished)."""
+
+    def end_text(self, request_id: str) -> None:
+        """A live request's text is complete: it ends as the whole text would."""
 
     async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt: ...
 

@@ -27,12 +27,14 @@ from engine.block_manager import BlockManager
 from engine.codec_stream import CodecStream
 from engine.config import EngineConfig
 from engine.generate import default_max_frames
+from engine.live_prompt import LivePrompt
 from engine.model import TTSModel
 from engine.paged_context import PagedKVCache
-from engine.prompt import build_prompt
+from engine.prompt import PromptError, build_prompt
 from engine.request import RequestState, Status
 from engine.runner import Runner
 from engine.scheduler import Emitted, Plan, Scheduler
+from engine.text import LiveText, TextError
 from engine.voice import VoicePrompt
 
 log = logging.getLogger("makima.engine")
@@ -170,6 +172,12 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._call(lambda: self._cancel(request_id))
 
+    def append_text(self, request_id: str, text: str) -> None:
+        self._call(lambda: self._live_text(request_id, text))
+
+    def end_text(self, request_id: str) -> None:
+        self._call(lambda: self._live_text(request_id, None))
+
     async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt:
         fut: Future = Future()
 
@@ -215,19 +223,31 @@ class Engine:
             if rid in self._states:
                 raise EngineError("DUPLICATE_ID", f"request id {rid!r} is already running")
             model = self.model
-            text_ids = model.tokenizer.target_ids(request.text)
-            prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids, request.voice,
-                                  request.language, request.non_streaming_text, request.speaker,
-                                  model.tokenizer.instruct_ids(request.instruct))
+            live_text = None
+            instruct_ids = model.tokenizer.instruct_ids(request.instruct)
+            if request.live:
+                if request.non_streaming_text:
+                    raise EngineError("INVALID_REQUEST", "non-streaming text needs the whole text first; "
+                                                         "it cannot be live")
+                live_text = LiveText(model.tokenizer)
+                prompt = LivePrompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), request.voice,
+                                    request.language, request.speaker, instruct_ids)
+                if request.text:
+                    prompt.extend(live_text.append(request.text))
+                cap = self.cfg.max_sequence_len  # set from the text when it ends (see engine/request.py)
+            else:
+                text_ids = model.tokenizer.target_ids(request.text)
+                prompt = build_prompt(model.tts.talker, model.cfg, model.tokenizer.role_ids(), text_ids,
+                                      request.voice, request.language, request.non_streaming_text, request.speaker,
+                                      instruct_ids)
+                cap = self._frame_cap(request, len(text_ids))
             sampling = request.sampling or model.sampling()
             sampling.validate()
-            cap = default_max_frames(len(text_ids), model.cfg.generation.max_new_tokens,
-                                     self.cfg.frames_per_text_token, self.cfg.min_frame_cap)
-            max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.prefill.shape[0])
+            max_frames = min(request.max_frames or cap, self.cfg.max_sequence_len - prompt.length)
             if max_frames < 1:
                 raise EngineError("TEXT_TOO_LONG", "the prompt does not fit in a request's sequence limit")
             state = RequestState(request=request, request_id=rid, prompt=prompt, sampling=sampling,
-                                 max_frames=max_frames)
+                                 max_frames=max_frames, live_text=live_text)
             self._states[rid] = state
             self._consumers[rid] = consumer
             self._codec_worker.submit(self.codec.open, rid, request.codec_context)
@@ -245,6 +265,27 @@ class Engine:
                 self.scheduler.remove(state)
                 self._codec_worker.submit(self.codec.close, rid)
             consumer.put(Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, error=message, error_code=code))
+
+    def _frame_cap(self, request: Request, num_text_ids: int) -> int:
+        return default_max_frames(num_text_ids, self.model.cfg.generation.max_new_tokens,
+                                  self.cfg.frames_per_text_token, self.cfg.min_frame_cap)
+
+    def _live_text(self, request_id: str, piece: str | None) -> None:
+        """More text (``piece``) or the end of it (None) for a live request; bad text fails the request."""
+        state = self._states.get(request_id)
+        if state is None or state.live_text is None:
+            return  # finished or cancelled meanwhile (or not live): nothing to feed
+        max_frames = None
+        try:
+            if piece is not None:
+                ids = state.live_text.append(piece)
+            else:
+                ids = state.live_text.end()
+                cap = self._frame_cap(state.request, len(state.live_text.committed))
+                max_frames = min(state.request.max_frames or cap, self.cfg.max_sequence_len - state.prompt.length)
+            self.scheduler.add_text(state, ids, max_frames)
+        except (TextError, PromptError) as e:
+            self._finish(state, StopReason.ERROR, str(e), "INVALID_REQUEST")
 
     def _cancel(self, request_id: str) -> None:
         state = self._states.get(request_id)
@@ -339,16 +380,23 @@ class Engine:
         done = [(e.state, e.finished) for e in emitted if e.finished is not None]
         finals = {state.request_id for state, _ in done}
         rids = {rid for rid, _ in frames} | finals
-        self._codec_job = (self._codec_worker.submit(self._codec_step, frames, finals), done, rids)
+        flush = set(finals)
+        if self.cfg.deadline_flush:
+            # A live request whose next frame waits for its text: send what it has now rather than hold
+            # it for a full chunk while nobody knows when the text comes (a deadline flush: timing moves
+            # chunk seams, so the audio is equal to the unflushed one to codec rounding, the codes bitwise).
+            flush |= {e.state.request_id for e in emitted if e.frame is not None and e.finished is None
+                      and not e.state.may_sample}
+        self._codec_job = (self._codec_worker.submit(self._codec_step, frames, flush), done, rids)
 
-    def _codec_step(self, frames: list[tuple[str, list[int]]], finals: set[str]) -> None:
+    def _codec_step(self, frames: list[tuple[str, list[int]]], flush: set[str]) -> None:
         """On the codec worker: push a step's frames, decode the due chunks and hand them to their
         consumers at once (the consumer queue is thread-safe); Finished follows from the engine
         thread once this job is complete, so it always comes after the last chunk."""
         t0 = time.perf_counter()
         for rid, frame in frames:
             self.codec.push(rid, frame)
-        for chunk in self.codec.collect(finals):
+        for chunk in self.codec.collect(flush):  # finished requests, and live ones waiting for text
             state, consumer = self._states.get(chunk.request_id), self._consumers.get(chunk.request_id)
             if state is None or consumer is None:
                 continue  # cancelled meanwhile

@@ -78,6 +78,23 @@ class Prompt:
     trailing: torch.Tensor  # [N, hidden]; row g is added to the input that follows frame g
     pad: torch.Tensor  # [hidden]: T(tts_pad), added once the trailing rows are used up
 
+    @property
+    def length(self) -> int:
+        """Rows of the whole prompt (a live prompt knows this before it knows all of them)."""
+        return self.prefill.shape[0]
+
+    def trailing_row(self, frame_index: int) -> torch.Tensor | None:
+        """The text row added to the input after frame ``frame_index`` (None: not known yet, live only)."""
+        return self.trailing[frame_index] if frame_index < self.trailing.shape[0] else self.pad
+
+
+def embed_text_rows(talker: Talker, ids: list[int]) -> torch.Tensor:
+    """T(ids), one row per call: a GEMM's rounding depends on its row count (measured up to 8e-7 between
+    a 60-row call and the same rows in smaller calls), and a live text arrives a few ids at a time, so
+    both layouts embed every text id alone to get bitwise the same rows however the text was split."""
+    device = talker.codec_head.weight.device
+    return torch.cat([talker.embed_text(torch.tensor([i], dtype=torch.long, device=device)) for i in ids])
+
 
 def language_id(cfg: ModelConfig, language: str) -> int | None:
     """The codec id of a language name, None for ``auto``."""
@@ -91,14 +108,20 @@ def language_id(cfg: ModelConfig, language: str) -> int | None:
     return ids[name]
 
 
-@torch.inference_mode()
-def build_prompt(talker: Talker, cfg: ModelConfig, role_ids: list[int], text_ids: list[int],
-                 voice: VoicePrompt | None, language: str, non_streaming_text: bool = False,
-                 speaker: str | None = None, instruct_ids: list[int] | None = None) -> Prompt:
-    """``voice`` is a Base model's clone, ``speaker`` a CustomVoice name, ``instruct_ids`` the
-    tokenised instruction block (TextTokenizer.instruct_ids); check_request_fits says which apply."""
-    if not text_ids:
-        raise PromptError("text is empty")
+@dataclass
+class PromptHead:
+    rows: torch.Tensor  # [H, hidden]: instruction rows, role rows, then the codec head with PAD/BOS text
+    eos: torch.Tensor
+    pad: torch.Tensor
+    codec_bos: torch.Tensor  # [1, hidden]
+    codec_pad: torch.Tensor  # [1, hidden]
+
+
+def prompt_head(talker: Talker, cfg: ModelConfig, role_ids: list[int], voice: VoicePrompt | None, language: str,
+                speaker: str | None = None, instruct_ids: list[int] | None = None) -> PromptHead:
+    """The rows every layout starts with, and the special embeddings the layouts use after them.
+    ``voice`` is a Base model's clone, ``speaker`` a CustomVoice name, ``instruct_ids`` the tokenised
+    instruction block (TextTokenizer.instruct_ids); check_request_fits says which apply."""
     check_request_fits(cfg, voice is not None, speaker, bool(instruct_ids))
     device = talker.codec_head.weight.device
     codec_ids, text_sp = cfg.talker.codec, cfg.text_ids
@@ -126,13 +149,27 @@ def build_prompt(talker: Talker, cfg: ModelConfig, role_ids: list[int], text_ids
     text_head = torch.cat([pad.expand(codec_head.shape[0] - 1, -1), bos[None]])
     rows = [talker.embed_text(ids(instruct_ids))] if instruct_ids else []
     rows += [talker.embed_text(ids(role_ids)), text_head + codec_head]
-    codec_bos = talker.embed_codec(ids([codec_ids.bos]))  # [1, hidden]
-    codec_pad = talker.embed_codec(ids([codec_ids.pad]))
+    codec_bos, codec_pad = talker.embed_codec(ids([codec_ids.bos, codec_ids.pad])).split(1)
+    return PromptHead(torch.cat(rows), eos, pad, codec_bos, codec_pad)
+
+
+@torch.inference_mode()
+def build_prompt(talker: Talker, cfg: ModelConfig, role_ids: list[int], text_ids: list[int],
+                 voice: VoicePrompt | None, language: str, non_streaming_text: bool = False,
+                 speaker: str | None = None, instruct_ids: list[int] | None = None) -> Prompt:
+    """The whole prompt of a text known in full (``prompt_head`` says what ``voice``, ``speaker`` and
+    ``instruct_ids`` are)."""
+    if not text_ids:
+        raise PromptError("text is empty")
+    device = talker.codec_head.weight.device
+    head = prompt_head(talker, cfg, role_ids, voice, language, speaker, instruct_ids)
+    eos, pad, codec_bos, codec_pad = head.eos, head.pad, head.codec_bos, head.codec_pad
+    rows = [head.rows]
 
     if voice is not None and voice.is_icl:
         if not voice.ref_text_ids:
             raise PromptError("ICL voice prompt without reference transcript")
-        text = torch.cat([talker.embed_text(ids(voice.ref_text_ids + text_ids)), eos[None]])
+        text = torch.cat([embed_text_rows(talker, voice.ref_text_ids + text_ids), eos[None]])
         codec = torch.cat([codec_bos, talker.embed_frames(voice.ref_codes.to(device))])
         if non_streaming_text:
             rows += [text + codec_pad, codec + pad]
@@ -144,7 +181,7 @@ def build_prompt(talker: Talker, cfg: ModelConfig, role_ids: list[int], text_ids
             rows.append(torch.cat([text, pad.expand(codec.shape[0] - text.shape[0], -1)]) + codec)
             trailing = pad[None]
     else:
-        text = talker.embed_text(ids(text_ids))
+        text = embed_text_rows(talker, text_ids)
         if non_streaming_text:
             rows += [torch.cat([text, eos[None]]) + codec_pad, pad[None] + codec_bos]
             trailing = pad[None]

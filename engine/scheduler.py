@@ -101,7 +101,9 @@ class Scheduler:
         """``paused``: requests whose consumer is behind; they keep their blocks but skip this step."""
         plan = Plan()
         # 1. decodes, oldest first so preemption hits the newest
-        decoding = [r for r in self.running if r.status == Status.DECODE and r.request_id not in paused]
+        # A live request waiting for its next text row is skipped like a paused one: it keeps its blocks.
+        decoding = [r for r in self.running if r.status == Status.DECODE and r.request_id not in paused
+                    and r.may_sample]
         for state in sorted(decoding, key=lambda r: r.arrival):
             if state not in self.running:
                 continue  # preempted while making room for an older request
@@ -123,7 +125,9 @@ class Scheduler:
         for state in [r for r in self.running if r.status == Status.PREFILL]:
             if budget <= 0:
                 break
-            n = min(budget, state.num_rows - state.num_computed)
+            n = min(budget, state.rows_ready - state.num_computed)
+            if n <= 0:
+                continue  # a live prompt waiting for text
             plan.prefills.append(ScheduledRequest(state, n, state.num_computed))
             budget -= n
         self.waiting.sort(key=lambda r: (r.priority, r.arrival))
@@ -139,9 +143,10 @@ class Scheduler:
             state.status = Status.PREFILL
             state.slot = self.free_slots.pop()  # one is free: running is below max_running
             self.running.append(state)
-            n = min(budget, state.num_rows - cached)
-            plan.prefills.append(ScheduledRequest(state, n, cached))
-            budget -= n
+            n = min(budget, state.rows_ready - cached)
+            if n > 0:  # a readmitted live request may still wait for text; it holds its blocks meanwhile
+                plan.prefills.append(ScheduledRequest(state, n, cached))
+                budget -= n
         return plan
 
     def update_from_output(self, plan: Plan, output: StepOutput) -> list[Emitted]:
@@ -166,6 +171,16 @@ class Scheduler:
                 self.retire(state)
             emitted.append(Emitted(state, frame, StopReason.MAX_FRAMES if last else None))
         return emitted
+
+    def add_text(self, state: RequestState, ids: list[int], max_frames: int | None = None) -> None:
+        """A live request's text grew by ``ids``; ``max_frames``: its text has ended, with this frame cap.
+        Its prompt gains the rows the text makes known, and a waiting step may run (``rows_ready``,
+        ``may_sample``)."""
+        state.prompt.extend(ids)
+        if max_frames is not None:
+            state.prompt.end()
+            state.max_frames = max_frames
+        state.feed_text()
 
     def retire(self, state: RequestState) -> None:
         """It ends (its last frame is out, or it was cancelled or failed): blocks and slot free now,

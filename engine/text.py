@@ -13,6 +13,7 @@ differ only on mixed-case words (" iPhone").
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -118,3 +119,85 @@ class TextTokenizer:
     def role_ids(self) -> list[int]:
         """``<|im_start|>assistant\\n``: the three rows that open every prompt."""
         return self.encode("<|im_start|>assistant\n")
+
+
+class LiveText:
+    """Text that arrives in pieces, turned into ids only where more text can no longer change them.
+
+    The ids of the whole text are the official ``encode(TARGET_TEMPLATE.format(text))[3:-5]``;
+    this class hands them out as a growing prefix. After each piece the *unstable tail* of the
+    normalised text is encoded again, and the tokens that end before the new unstable tail are
+    committed. The tail starts at the earlier of:
+
+    - the last pre-token holding a non-space character: a split-regex match is decided by the text
+      up to the first non-space character after it (a whitespace run can still gain a newline that
+      re-splits it; letters, digits and punctuation runs stop at a character already present), so
+      every match before that pre-token is final, and it itself may still grow;
+    - the pre-token holding the last NFC starter (combining class 0): a combining mark sent later
+      may compose with that starter (``e`` + U+0301 is ``é``), never with an earlier one.
+
+    Only the tail is encoded again (so an append costs its own length, not the text's): the split
+    regex has no look-behind, so matching from a pre-token boundary does not depend on what is
+    before it, and NFC(final prefix + tail + piece) = final prefix + NFC(tail + piece) because no
+    later character composes across the last starter. Until the three role tokens of the template
+    are final, the tail is encoded behind ``<|im_start|>assistant\n`` as the official prompt has it
+    (a text that starts with newlines merges them with the role's). ``end`` commits the rest as
+    ``target_ids`` of the whole text, so the final ids are exactly those of the text sent whole.
+    """
+
+    _ROLE = "assistant\n"  # the segment after <|im_start|> that the text continues
+    _ROLE_TOKENS = 3  # <|im_start|> assistant \n: the official slice [3:] drops them
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.committed: list[int] = []
+        self.ended = False
+        self._stable: list[int] = []  # final tokens of the whole template so far, role tokens included
+        self._tail = self._ROLE  # the normalised segment text after the final tokens
+
+    def append(self, piece: str) -> list[int]:
+        """Add text; return the ids this piece made final (possibly none)."""
+        if self.ended:
+            raise TextError("the text has already ended")
+        text = self.text + piece
+        for token in self.tokenizer.special_tokens:
+            if token in text:  # checked on the whole text: a token may arrive split over pieces
+                raise TextError(f"text contains the reserved token {token!r}")
+        self.text = text
+        self._tail = self.tokenizer._tok.normalizer.normalize_str(self._tail + piece)
+        self._advance()
+        return self._commit(self._stable[self._ROLE_TOKENS:])
+
+    def end(self) -> list[int]:
+        """No more text: commit everything; return the ids that were still pending."""
+        final = self.tokenizer.target_ids(self.text)  # raises TextError on an empty text
+        if final[:len(self.committed)] != self.committed:
+            raise AssertionError("live tokenisation committed ids the whole text does not have")
+        self.ended = True
+        return self._commit(final)
+
+    def _commit(self, ids: list[int]) -> list[int]:
+        new = ids[len(self.committed):]
+        self.committed.extend(new)
+        return new
+
+    def _advance(self) -> None:
+        """Move the tokens of the tail that can no longer change into ``_stable``."""
+        tok = self.tokenizer._tok
+        tail = self._tail
+        pieces = tok.pre_tokenizer.pre_tokenize_str(tail)
+        cut = len(tail)
+        for _, (start, end) in reversed(pieces):
+            if not tail[start:end].isspace():
+                cut = start
+                break
+        last_starter = next((i for i in range(len(tail) - 1, -1, -1) if not unicodedata.combining(tail[i])), 0)
+        cut = min(cut, max((start for _, (start, _) in pieces if start <= last_starter), default=0))
+        head = "<|im_start|>" if len(self._stable) < self._ROLE_TOKENS else ""
+        encoding = tok.encode(head + tail, add_special_tokens=False)
+        stable = [i for i, (_, end) in zip(encoding.ids, encoding.offsets, strict=True) if end <= len(head) + cut]
+        if head and len(stable) < self._ROLE_TOKENS:
+            return  # the role tokens are not final yet: keep encoding from the template's start
+        self._stable += stable
+        self._tail = tail[cut:]

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSCloseCode, web
 
 from engine.api import ModelInfo, TTSEngine
-from server import cors, openai, openai_compat, speak, voice_api
+from server import cors, nari, openai, openai_compat, speak, voice_api
 from server import protocol as P
 from server.lifecycle import drain as drain  # re-exported: callers and tests know it here
 from server.lifecycle import exit_after_drain_on_sigterm as exit_after_drain_on_sigterm
@@ -286,7 +286,8 @@ def create_app(engine: TTSEngine | None, settings: ServerSettings) -> web.Applic
     app.add_routes([
         web.get("/health", health), web.get("/ready", ready), web.get("/metrics", metrics),
         web.get("/api/v1/info", info), web.get("/api/v1/speak", speak.handle),
-        web.post("/v1/audio/speech", openai.handle), *openai_compat.routes(), *voice_api.routes(),
+        web.post("/v1/audio/speech", openai.handle), web.get("/v1/audio/speech/ws", nari.handle),
+        *openai_compat.routes(), *voice_api.routes(),
         web.get("/", root), web.get("/speak", page),
     ])
     app.router.add_static("/static/", STATIC, follow_symlinks=False)

@@ -114,11 +114,18 @@ class Start:
 class Speak:
     id: str | int | None
     text: str
+    live: bool = False  # the text goes on with append and ends with end (one utterance)
 
 
 @dataclass
 class Append:
     text: str
+    seq: int | None = None  # when given, the server acknowledges the append with it
+
+
+@dataclass
+class End:
+    seq: int | None = None
 
 
 @dataclass
@@ -136,7 +143,7 @@ class Stop:
     pass
 
 
-ClientMessage = Start | Speak | Append | Flush | Cancel | Stop
+ClientMessage = Start | Speak | Append | End | Flush | Cancel | Stop
 
 
 def _check_keys(msg: dict, allowed: set[str], what: str, id: str | int | None = None) -> None:
@@ -323,17 +330,25 @@ def parse_message(raw: str, max_text_chars: int, max_audio_bytes: int) -> Client
         id = msg.get("id")
         if id is not None and (isinstance(id, bool) or not isinstance(id, (str, int)) or len(str(id)) > MAX_ID_CHARS):
             raise ProtocolError(INVALID_MESSAGE, f"speak.id must be a string or integer, at most {MAX_ID_CHARS} chars")
-        _check_keys(msg, {"type", "id", "text"}, "speak", id)
-        text = msg.get("text")
+        _check_keys(msg, {"type", "id", "text", "live"}, "speak", id)
+        live = _get(msg, "live", bool, "speak", False)
+        text = msg.get("text", "" if live else None)
         if not isinstance(text, str):
             raise ProtocolError(INVALID_MESSAGE, "speak.text must be a string", id)
+        if live:  # may start empty: the text comes with append
+            if len(text) > max_text_chars:
+                raise ProtocolError(TEXT_TOO_LONG, f"text is {len(text)} characters; the limit is {max_text_chars}", id)
+            return Speak(id=id, text=check_unicode(text, "speak.text", id), live=True)
         return Speak(id=id, text=check_text(text, max_text_chars, id))
     if kind == "append":
-        _check_keys(msg, {"type", "text"}, "append")
+        _check_keys(msg, {"type", "text", "seq"}, "append")
         text = msg.get("text")
         if not isinstance(text, str):
             raise ProtocolError(INVALID_MESSAGE, "append.text must be a string")
-        return Append(text=check_unicode(text, "append.text"))
+        return Append(text=check_unicode(text, "append.text"), seq=_get(msg, "seq", int, "append"))
+    if kind == "end":
+        _check_keys(msg, {"type", "seq"}, "end")
+        return End(seq=_get(msg, "seq", int, "end"))
     simple = {"flush": Flush, "cancel": Cancel, "stop": Stop}
     if kind in simple:
         _check_keys(msg, {"type"}, kind)
@@ -347,6 +362,11 @@ def error(code: str, message: str, id: str | int | None = None) -> dict:
     if id is not None:
         out["id"] = id
     return out
+
+
+def ack(event: str, seq: int, id: str | int | None) -> dict:
+    """A live utterance's append or end, taken: a client may pace its text on these."""
+    return {"type": "ack", "event": event, "seq": seq, "id": id}
 
 
 def ready(session_id: str, sample_rate: int, encoding: str, voice: str | None, language: str) -> dict:

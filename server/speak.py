@@ -23,6 +23,7 @@ from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
 from server.limits import TokenBucket, limit_send_buffer, request_key
+from server.live import LiveUtterance
 from server.pcm import encode_pcm
 from server.sentences import SentenceBuffer
 from server.state import AppState, get_state
@@ -36,6 +37,7 @@ SUBPROTOCOL = "makima-tts.v1"
 class Utterance:
     id: str | int
     text: str
+    live: LiveUtterance | None = None  # a live utterance: its text arrives with append until end
 
 
 class ClientGone(Exception):
@@ -60,6 +62,7 @@ class Session:
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task | None = None
         self.text = SentenceBuffer()
+        self.live: Utterance | None = None  # the open live utterance (queued or speaking, not ended)
         self._ids = itertools.count(1)  # names for utterances the client did not name
         self._rids = itertools.count(1)  # engine request ids, unique per session
         self.closing = False
@@ -104,9 +107,13 @@ class Session:
                 raise P.ProtocolError(P.INVALID_MESSAGE, f"send a start message before {type(msg).__name__.lower()}",
                                       getattr(msg, "id", None))
             elif isinstance(msg, P.Speak):
-                self.enqueue(msg.id if msg.id is not None else f"utt-{next(self._ids)}", msg.text)
+                self.on_speak(msg)
+            elif isinstance(msg, P.Append) and self.live is not None:
+                await self.on_live_append(msg)
             elif isinstance(msg, P.Append):
                 await self.on_append(msg.text)
+            elif isinstance(msg, P.End):
+                await self.on_end(msg)
             elif isinstance(msg, P.Flush):
                 rest = self.text.flush()
                 if rest:
@@ -150,12 +157,41 @@ class Session:
         self.worker = asyncio.create_task(self.run())
         await self.send_json(P.ready(self.id, engine.sample_rate, msg.encoding, self.voice_name, msg.language))
 
-    def enqueue(self, id: str | int, text: str) -> None:
+    def on_speak(self, msg: P.Speak) -> None:
+        id = msg.id if msg.id is not None else f"utt-{next(self._ids)}"
+        if not msg.live:
+            self.enqueue(id, msg.text)
+            return
+        if self.live is not None:
+            raise P.ProtocolError(P.INVALID_MESSAGE, f"live utterance {self.live.id!r} is still open; send end first",
+                                  id)
+        if self.start.non_streaming_text:
+            raise P.ProtocolError(P.INVALID_MESSAGE, "this session has non_streaming_text, which needs the whole "
+                                                     "text first; live utterances need streaming text", id)
+        self.live = self.enqueue(id, msg.text, LiveUtterance(msg.text, self.settings.max_text_chars))
+
+    async def on_live_append(self, msg: P.Append) -> None:
+        u = self.live
+        u.live.append(msg.text, u.id)
+        self.state.metrics.input_chars.inc(len(msg.text))
+        if msg.seq is not None:
+            await self.send_json(P.ack("append", msg.seq, u.id))
+
+    async def on_end(self, msg: P.End) -> None:
+        u, self.live = self.live, None
+        if u is None:
+            raise P.ProtocolError(P.INVALID_MESSAGE, "no live utterance is open (speak with \"live\": true opens one)")
+        u.live.end()
+        if msg.seq is not None:
+            await self.send_json(P.ack("end", msg.seq, u.id))
+
+    def enqueue(self, id: str | int, text: str, live: LiveUtterance | None = None) -> Utterance:
         if len(self.queue) >= self.settings.max_queued_utterances:
             raise P.ProtocolError(P.OVERLOADED, f"{len(self.queue)} utterances are already queued in this session", id)
-        self.queue.append(Utterance(id, text))
+        self.queue.append(Utterance(id, text, live))
         self.state.metrics.input_chars.inc(len(text))
         self.wakeup.set()
+        return self.queue[-1]
 
     async def enqueue_segment(self, text: str) -> None:
         id = f"seg-{next(self._ids)}"
@@ -180,6 +216,7 @@ class Session:
         dropped = [u.id for u in self.queue]
         self.queue.clear()
         self.text.clear()
+        self.live = None
         if self.worker is not None:
             self.worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -222,6 +259,8 @@ class Session:
         request = state.request(u.text, voice, start, f"{self.id}-{next(self._rids)}",
                                 self.voice_name if voice is None else None)
         track = Tracker(state.metrics, engine.sample_rate, request.request_id, self.voice_name)
+        if u.live is not None:
+            u.live.bind(engine, request)  # no await from here to the stream's first step (server/live.py)
         finished: Finished | None = None
         async with contextlib.aclosing(stream_audio(engine, request, state.watch)) as stream:
             async for item in stream:

@@ -56,6 +56,7 @@ class FakeEngine:
         self.submitted: list[Request] = []
         self.frames_generated = 0
         self.voices_made = 0
+        self.live: dict[str, tuple[list[str], asyncio.Event]] = {}  # live request id → (text so far, ended)
 
     def _blocks_for(self, rows: int) -> int:
         return math.ceil(rows / self.block_size)
@@ -73,11 +74,21 @@ class FakeEngine:
             yield Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, "a Base model clones a voice only",
                            "UNSUPPORTED_BY_MODEL" if request.voice is not None else "VOICE_REQUIRED")
             return
-        audio = fake_audio(request)
-        total = len(audio) // SAMPLES_PER_FRAME
         self.blocks[rid] = self._blocks_for(PROMPT_ROWS)
         done, ttfa, i = 0, None, 0
         try:
+            if request.live:  # the audio of the whole text, once it has all come (the real engine starts earlier)
+                pieces, ended = self.live[rid] = ([request.text], asyncio.Event())
+                try:
+                    await ended.wait()
+                finally:
+                    self.live.pop(rid, None)
+                request.text = "".join(pieces)
+                if not request.text.strip():
+                    yield Finished(rid, StopReason.ERROR, 0, 0.0, None, 0.0, "text is empty", "INVALID_REQUEST")
+                    return
+            audio = fake_audio(request)
+            total = len(audio) // SAMPLES_PER_FRAME
             while done < total:
                 await asyncio.sleep(self.chunk_delay)
                 if rid in self.cancelled:
@@ -104,6 +115,16 @@ class FakeEngine:
         if request_id in self.blocks:
             self.cancelled.add(request_id)
             self.blocks.pop(request_id, None)
+        if request_id in self.live:  # waiting for its text: end the wait, the loop then sees the cancel
+            self.live[request_id][1].set()
+
+    def append_text(self, request_id: str, text: str) -> None:
+        if request_id in self.live:
+            self.live[request_id][0].append(text)
+
+    def end_text(self, request_id: str) -> None:
+        if request_id in self.live:
+            self.live[request_id][1].set()
 
     async def make_voice(self, audio_24k: np.ndarray, ref_text: str | None, x_vector_only: bool) -> VoicePrompt:
         if not x_vector_only and not ref_text:
