@@ -28,7 +28,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
-from server.limits import request_key
+from server.limits import limit_send_buffer, request_key
 from server.live import LiveUtterance
 from server.pcm import encode_pcm
 from server.speak import error_response
@@ -63,14 +63,21 @@ class NariSession:
     async def run(self) -> None:
         await self.send({"type": "session.created", "protocol": PROTOCOL, "session_id": self.id, "audio": self.audio})
         s = self.state.settings
+        loop = asyncio.get_running_loop()
+        last_message = loop.time()
         while not self.ws.closed:
+            # Only client events count as activity: aiohttp's receive(timeout=) restarts on every ping and
+            # pong, and the heartbeat makes every compliant client pong (issue #13, as in server/speak.py).
             try:
-                msg = await self.ws.receive(timeout=s.idle_timeout_s)
+                msg = await asyncio.wait_for(self.ws.receive(), max(0.0, last_message + s.idle_timeout_s - loop.time()))
             except asyncio.TimeoutError:
                 if self.worker is not None and not self.worker.done():
+                    last_message = loop.time()  # speaking is not idling: look again a whole timeout later
                     continue
                 await self.send_error(P.ProtocolError(P.IDLE_TIMEOUT, f"no message for {s.idle_timeout_s:g} s"))
                 return
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                last_message = loop.time()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
                     await self.send_error(P.ProtocolError(P.UNSUPPORTED, "send JSON text frames"))
@@ -200,6 +207,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
                                protocols=(PROTOCOL,))
     await ws.prepare(request)
+    limit_send_buffer(request.transport, s.send_buffer_bytes)  # the write deadline measures the client's reading
     key = request_key(request)
     try:
         if ws.ws_protocol != PROTOCOL:

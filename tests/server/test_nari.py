@@ -149,3 +149,14 @@ async def test_audio_that_ends_before_the_text_still_acks_every_append_and_the_e
     async with serve(EndsEarly(chunk_delay=0.0), voices=VOICES, default_voice="anna") as client:
         _, done, code = await harness_run(client)  # fails if the socket closes before the last ack
         assert code == 1000 and done["makima_stop_reason"] == "max_frames" and done["audio_chunks"] == 1
+
+
+async def test_idle_timeout_fires_for_a_stock_client_that_answers_the_servers_pings():
+    """As on /api/v1/speak: only client events count as activity, never the pongs that the server's own
+    heartbeat draws from every compliant client (aiohttp's receive(timeout=) restarts on each)."""
+    async with serve(voices=VOICES, heartbeat_s=0.1, idle_timeout_s=0.6) as client:
+        async with client.ws_connect("/v1/audio/speech/ws", protocols=(PROTOCOL,), autoping=True) as ws:
+            assert json.loads((await ws.receive(timeout=5)).data)["type"] == "session.created"
+            err = json.loads((await ws.receive(timeout=5)).data)
+            assert err["type"] == "error" and err["error"]["code"] == "IDLE_TIMEOUT", err
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
