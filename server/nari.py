@@ -28,10 +28,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from engine.api import AudioChunk, Finished
 from engine.voice import VoicePrompt
 from server import protocol as P
-from server.limits import limit_send_buffer, request_key
+from server.limits import request_key
 from server.live import LiveUtterance
 from server.pcm import encode_pcm
-from server.speak import error_response
+from server.speak import open_audio_socket
 from server.state import AppState, get_state
 from server.synth import Tracker, failed, stream_audio
 
@@ -199,15 +199,10 @@ class NariSession:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    ws = await open_audio_socket(request, PROTOCOL)
+    if not isinstance(ws, web.WebSocketResponse):
+        return ws  # draining: refused before the upgrade
     state = get_state(request)
-    if state.draining:
-        return error_response(P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down"), state,
-                              headers={"Retry-After": "1"})
-    s = state.settings
-    ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
-                               protocols=(PROTOCOL,))
-    await ws.prepare(request)
-    limit_send_buffer(request.transport, s.send_buffer_bytes)  # the write deadline measures the client's reading
     key = request_key(request)
     try:
         if ws.ws_protocol != PROTOCOL:

@@ -309,16 +309,28 @@ class Session:
                 self.state.metrics.requests.labels("client_gone").inc()
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def open_audio_socket(request: web.Request, protocol: str) -> web.StreamResponse:
+    """The upgrade every audio WebSocket route shares: refused with 503 while draining (before the
+    upgrade, so a proxy can retry another replica), our heartbeat and message limit, and the small send
+    buffer that makes the write deadline measure the client's reading. A ``WebSocketResponse`` when open."""
     state = get_state(request)
-    if state.draining:  # before the upgrade, so a proxy can retry another replica (503)
+    if state.draining:
         return error_response(P.ProtocolError(P.TTS_UNAVAILABLE, "the server is shutting down"), state,
                               headers={"Retry-After": "1"})
     s = state.settings
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_s, compress=False, max_msg_size=s.ws_max_message_bytes,
-                               protocols=(SUBPROTOCOL,))
+                               protocols=(protocol,))
     await ws.prepare(request)
     limit_send_buffer(request.transport, s.send_buffer_bytes)
+    return ws
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    ws = await open_audio_socket(request, SUBPROTOCOL)
+    if not isinstance(ws, web.WebSocketResponse):
+        return ws  # draining: refused before the upgrade
+    state = get_state(request)
+    s = state.settings
     key = request_key(request)
     session = Session(state, ws, request.transport, state.limits.bucket(key), key)
     if len(state.sessions) >= s.max_connections:
